@@ -1,0 +1,174 @@
+"""DRM checkpoint files: reading, format detection, the official-format import, and saving.
+
+Formats (DESIGN §4), all safetensors:
+- full:     comfy MMDiT keys for the kept blocks + final layer, `reward_output.*` head, metadata.
+- official: the authors' `transformer.*` (diffusers SD3 names) + `reward_output.*`.
+- adapter:  LoRA on the generator's MMDiT + head; needs the generator MODEL at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT_KEY = "drm.format"
+FORMATS = ("full", "official", "adapter")
+# Official variants: joint blocks the authors skip at the end of the backbone, by backbone depth.
+OFFICIAL_SKIPPED_BLOCKS = {24: 3, 38: 5}  # 2BConvGN (SD3.5-M), 7BConvGN (SD3.5-L)
+OFFICIAL_PREFIX = "transformer."
+HEAD_PREFIX = "reward_output."
+
+
+def count_blocks(state_dict: dict[str, torch.Tensor], prefix: str = "joint_blocks.") -> int:
+    """Joint blocks in a comfy-named state dict (highest index + 1)."""
+    indices = {int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+class DRMCheckpointError(ValueError):
+    """A DRM file that cannot be used; the message names the file and what to do."""
+
+
+@dataclass
+class DRMCheckpoint:
+    format: str
+    state_dict: dict[str, torch.Tensor]  # for `full` and `official`: comfy MMDiT keys + reward_output.*
+    blocks: int
+    metadata: dict[str, str]
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a clear DRMCheckpointError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise DRMCheckpointError(f"DRM file {path} does not exist. Put DRM checkpoints in ComfyUI/models/drm/.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise DRMCheckpointError(
+            f"DRM file {path.name} is a PyTorch pickle, not safetensors. Pickles can run code when loaded, so "
+            "only .safetensors is accepted: convert it with safetensors.torch.save_file on a trusted machine.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise DRMCheckpointError(
+            f"DRM file {path.name} is not a readable safetensors file ({e}). It may be truncated: "
+            "download or export it again.") from None
+    return tensors, metadata
+
+
+def describe_foreign(keys: list[str]) -> str:
+    """A short guess at what a non-DRM state dict is, for error messages."""
+    joined = " ".join(keys[:2000])
+    if "input_blocks." in joined:
+        return "an SD1/SDXL UNet"
+    if "double_blocks." in joined:
+        return "a Flux model"
+    if "joint_blocks." in joined or "transformer_blocks." in joined:
+        return "an SD3 diffusion model without a reward head (reward_output.*)"
+    if "lora_up" in joined or "lora_A" in joined:
+        return "a LoRA"
+    return f"an unknown model (first keys: {keys[:3]})"
+
+
+def detect_format(keys: list[str], metadata: dict[str, str]) -> str:
+    """`full`, `official` or `adapter`, from metadata first, then from the key names."""
+    declared = metadata.get(FORMAT_KEY)
+    if declared in FORMATS:
+        return declared
+    has_head = any(k.startswith(HEAD_PREFIX) for k in keys)
+    if has_head and any(k.startswith(OFFICIAL_PREFIX + "transformer_blocks.") for k in keys):
+        return "official"
+    if has_head and any(k.startswith("joint_blocks.") for k in keys):
+        return "full"
+    raise ValueError(f"not a DRM checkpoint: it looks like {describe_foreign(keys)}")
+
+
+def official_to_comfy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Authors' diffusers-named backbone -> comfy MMDiT names, through ComfyUI's own key map.
+
+    ComfyUI's map swaps (scale, shift) -> (shift, scale) for norm_out and the last block's
+    norm1_context; copying those rows unswapped would give wrong scores with no error.
+    """
+    import comfy.model_detection
+
+    diffusers_sd = {k[len(OFFICIAL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
+    converted = comfy.model_detection.convert_diffusers_mmdit(dict(diffusers_sd), "")
+    if converted is None:
+        raise ValueError("transformer.* keys are not an SD3 MMDiT in diffusers names")
+    converted.update({k: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)})
+    return converted
+
+
+def official_blocks(state_dict: dict[str, torch.Tensor]) -> int:
+    """Blocks the official forward runs: the blocks present when the file was cut short, else depth - skip."""
+    depth = state_dict["x_embedder.proj.weight"].shape[0] // 64
+    present = count_blocks(state_dict)
+    if present < depth:
+        return present
+    if depth not in OFFICIAL_SKIPPED_BLOCKS:
+        raise ValueError(f"backbone depth {depth} is neither SD3.5-Medium (24) nor SD3.5-Large (38); "
+                         "pass the number of blocks to keep explicitly")
+    return depth - OFFICIAL_SKIPPED_BLOCKS[depth]
+
+
+def load_checkpoint(path: str | os.PathLike, blocks: int | None = None) -> DRMCheckpoint:
+    """Read any DRM file into comfy-named tensors. `blocks` overrides the file's kept-block count."""
+    name = Path(path).name
+    tensors, metadata = read_safetensors(path)
+    try:
+        fmt = detect_format(list(tensors), metadata)
+        if fmt == "adapter":
+            # The adapter format's weights are applied on the generator's MODEL by the loader.
+            return DRMCheckpoint(fmt, tensors, int(metadata.get("drm.blocks", 0)), metadata)
+        if fmt == "official":
+            tensors = official_to_comfy(tensors)
+            default_blocks = official_blocks(tensors)
+        else:
+            default_blocks = int(metadata.get("drm.blocks") or count_blocks(tensors))
+        if "x_embedder.proj.weight" not in tensors or tensors["x_embedder.proj.weight"].shape[1] != 16:
+            raise ValueError("the backbone is not SD3-family (x_embedder must take 16 latent channels)")
+    except (ValueError, KeyError) as e:
+        raise DRMCheckpointError(f"DRM file {name}: {e}. Expected a DRM checkpoint for an SD3-family model "
+                                 "(formats: full, official, adapter).") from None
+    return DRMCheckpoint(fmt, tensors, blocks or default_blocks, metadata)
+
+
+def save_full(drm: torch.nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a DRM as a `full` checkpoint, atomically (temporary file, then rename)."""
+    state = {k: v for k, v in drm.backbone.state_dict().items()
+             if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= drm.blocks)}
+    state.update({HEAD_PREFIX + k: v for k, v in drm.reward_output.state_dict().items()})
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    meta = {
+        FORMAT_KEY: "full",
+        "drm.architecture": "sd3-mmdit",
+        "drm.depth": str(drm.backbone.depth),
+        "drm.blocks": str(drm.blocks),
+        "drm.head": "convgn",
+    }
+    meta.update(metadata or {})
+    atomic_save(state, path, meta)
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """save_file to a temporary name beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,123 @@
+"""The DRM network: SD3's MMDiT cut after `blocks` joint blocks, its final layer, and a ConvGN head.
+
+Forward (DESIGN §4): embed x_t, timestep, pooled text and context as the MMDiT does; run joint
+blocks 0 .. blocks-1; apply the final layer (adaLN norm + linear); unpatchify to [B, 16, H, W]; the
+head turns that map into one score per sample.
+"""
+
+from __future__ import annotations
+
+import comfy.model_detection
+import comfy.ops
+import torch
+from comfy.ldm.modules.diffusionmodules.mmdit import FinalLayer, MMDiT
+from torch import nn
+
+from .checkpoint import HEAD_PREFIX, count_blocks
+from .head import ConvGNHead
+
+
+class DRM(nn.Module):
+    """Reward model over any MMDiT backbone.
+
+    The backbone may hold more joint blocks than `blocks` (an adapter DRM shares the generator's
+    full MMDiT); only the first `blocks` run.
+    """
+
+    def __init__(self, backbone: MMDiT, blocks: int, head: ConvGNHead):
+        super().__init__()
+        if not 1 <= blocks <= len(backbone.joint_blocks):
+            raise ValueError(f"blocks={blocks}: expected 1..{len(backbone.joint_blocks)} (joint blocks in the backbone).")
+        self.backbone = backbone
+        self.blocks = blocks
+        self.reward_output = head
+
+    @property
+    def in_channels(self) -> int:
+        return self.backbone.in_channels
+
+    @property
+    def context_dim(self) -> int | None:
+        embedder = self.backbone.context_embedder
+        return getattr(embedder, "in_features", None)
+
+    @property
+    def pooled_dim(self) -> int | None:
+        y = self.backbone.y_embedder
+        return None if y is None else y.mlp[0].in_features
+
+    @property
+    def max_latent_size(self) -> int | None:
+        """Largest latent height/width the position embedding covers (None: unbounded)."""
+        m = self.backbone
+        return None if m.pos_embed_max_size is None else m.pos_embed_max_size * m.patch_size
+
+    def features(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        """The truncated MMDiT's output map, [B, out_channels, H, W]."""
+        m = self.backbone
+        hw = x.shape[-2:]
+        h = m.x_embedder(x) + comfy.ops.cast_to_input(m.cropped_pos_embed(hw, device=x.device), x)
+        c = m.t_embedder(timesteps, dtype=x.dtype)
+        if y is not None and m.y_embedder is not None:
+            c = c + m.y_embedder(y)
+        context = m.context_embedder(context)
+        for block in m.joint_blocks[: self.blocks]:
+            # JointBlock defaults to activation checkpointing; follow the backbone's setting instead.
+            context, h = block(context, h, c=c, use_checkpoint=m.use_checkpoint, transformer_options={})
+        h = m.final_layer(h, c)
+        return m.unpatchify(h, hw=hw)[:, :, : hw[-2], : hw[-1]]
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+        """Scores, [B]. `x` is a model-space latent at noise level timesteps / 1000."""
+        return self.reward_output(self.features(x, timesteps, context, y))
+
+
+def backbone_config(state_dict: dict[str, torch.Tensor]) -> dict:
+    """MMDiT constructor arguments read from comfy-named backbone keys (ComfyUI's own detection)."""
+    config = comfy.model_detection.detect_unet_config(state_dict, "")
+    if config is None or "depth" not in config:
+        raise ValueError("not an MMDiT state dict (no joint_blocks / x_embedder keys)")
+    config.setdefault("out_channels", config["in_channels"])
+    return config
+
+
+def build_drm(state_dict: dict[str, torch.Tensor], blocks: int, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None, operations=None) -> DRM:
+    """Build a DRM from comfy MMDiT keys plus `reward_output.*` head keys (the `full` layout).
+
+    Joint blocks at index >= `blocks` in the state dict are ignored. Raises ValueError on a key
+    mismatch, naming the keys.
+    """
+    operations = operations or comfy.ops.disable_weight_init
+    backbone_sd = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
+    head_sd = {k[len(HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)}
+    config = backbone_config(backbone_sd)
+    available = count_blocks(backbone_sd)
+    if not 1 <= blocks <= available:
+        raise ValueError(f"blocks={blocks}: the checkpoint holds {available} joint blocks.")
+    backbone_sd = {k: v for k, v in backbone_sd.items()
+                   if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= blocks)}
+
+    # A truncated backbone's last kept block is a full block, not SD3's context-pre-only last block,
+    # so MMDiT gets final_layer=False (no pre-only block) and the final layer is attached here.
+    keeps_all = blocks == config["depth"]
+    backbone = MMDiT(**config, num_blocks=blocks, final_layer=keeps_all, dtype=dtype, device=device,
+                     operations=operations)
+    if not keeps_all:
+        backbone.final_layer = FinalLayer(backbone.hidden_size, backbone.patch_size, backbone.out_channels,
+                                          dtype=dtype, device=device, operations=operations)
+    head = ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=dtype, device=device)
+    _load_strict(backbone, backbone_sd, "backbone")
+    _load_strict(head, head_sd, "head (reward_output.*)")
+    return DRM(backbone, blocks, head)
+
+
+def _load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{what} weights do not fit: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise ValueError(f"{what} keys do not match: missing {sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}")

@@ -1,0 +1,164 @@
+"""A loaded DRM under ComfyUI's model management, and the latent conventions for scoring.
+
+`LoadedDRM` is the value of the DRM_MODEL type that flows between nodes. It validates inputs,
+moves the weights with ComfyUI's ModelPatcher, and scores model-space latents in batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.samplers
+import torch
+
+from .checkpoint import DRMCheckpointError, load_checkpoint
+from .model import DRM, build_drm
+
+SD3_SHIFT = 3.0
+WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def flow_model_sampling(shift: float = SD3_SHIFT):
+    """ComfyUI's rectified-flow sampling object (CONST + discrete flow), as SD3 models carry."""
+    settings = SimpleNamespace(sampling_settings={"shift": shift})
+    return comfy.model_base.model_sampling(settings, comfy.model_base.ModelType.FLOW)
+
+
+class LoadedDRM:
+    """A DRM ready to score, wrapped in a ModelPatcher so ComfyUI can load and offload it."""
+
+    def __init__(self, drm: DRM, name: str = "drm", metadata: dict[str, str] | None = None,
+                 load_device=None, offload_device=None):
+        self.model = drm.eval()
+        self.name = name
+        self.metadata = dict(metadata or {})
+        self.dtype = next(drm.parameters()).dtype
+        load_device = load_device or comfy.model_management.get_torch_device()
+        offload_device = offload_device or comfy.model_management.unet_offload_device()
+        self.patcher = comfy.model_patcher.ModelPatcher(drm, load_device=load_device, offload_device=offload_device)
+        self.latent_format = comfy.latent_formats.SD3()
+        self.model_sampling = flow_model_sampling()
+
+    def __repr__(self) -> str:
+        return f"LoadedDRM({self.name}, blocks={self.model.blocks}, dtype={self.dtype})"
+
+    # ---- input checks: each names the input, what was expected, and what to do ----
+
+    def check_latent(self, x: torch.Tensor, what: str = "latent") -> None:
+        if x.ndim != 4 or x.shape[1] != self.model.in_channels:
+            raise ValueError(f"{what} has shape {tuple(x.shape)}; the DRM expects [B, {self.model.in_channels}, H, W] "
+                             "(an SD3-family latent). Use a latent from an SD3/SD3.5 model.")
+        limit = self.model.max_latent_size
+        if limit is not None and max(x.shape[-2:]) > limit:
+            raise ValueError(f"{what} is {x.shape[-2]}x{x.shape[-1]} (latent pixels); this DRM's position embedding "
+                             f"covers at most {limit}x{limit} ({limit * 8}x{limit * 8} image pixels). Score a smaller image.")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{what} contains NaN or infinite values; the sampler that made it diverged. "
+                             "Check the model, cfg and dtype upstream.")
+
+    @staticmethod
+    def check_sigma(sigma: float, what: str = "sigma") -> None:
+        if not (0.0 <= sigma < 1.0) or math.isnan(sigma):
+            raise ValueError(f"{what}={sigma}: expected 0 <= sigma < 1 (0 is a clean latent). A LATENT cannot hold "
+                             "pure noise at sigma 1; score the next step instead.")
+
+    def conditioning_tensors(self, conditioning, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [B, T, C], pooled [B, P]) from a ComfyUI CONDITIONING; the first entry is used."""
+        if not conditioning:
+            raise ValueError("positive conditioning is empty; connect a CLIPTextEncode (SD3 text encoders) output.")
+        context, extras = conditioning[0][0], conditioning[0][1]
+        pooled = extras.get("pooled_output")
+        if pooled is None:
+            raise ValueError("positive conditioning has no pooled_output; the DRM needs SD3 conditioning "
+                             "(CLIP-L + CLIP-G + T5 through an SD3 CLIP loader).")
+        if context.shape[-1] != self.model.context_dim or pooled.shape[-1] != self.model.pooled_dim:
+            raise ValueError(f"positive conditioning has width {context.shape[-1]} and pooled width {pooled.shape[-1]}; "
+                             f"this DRM expects {self.model.context_dim} and {self.model.pooled_dim} (SD3 text encoders).")
+        return _to_batch(context, batch, "conditioning"), _to_batch(pooled, batch, "pooled conditioning")
+
+    # ---- scoring ----
+
+    def model_space(self, latent: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """x_t the model sees, from a graph LATENT that sits at noise level sigma.
+
+        A LATENT leaving KSamplerAdvanced with leftover noise at sigma s holds process_out(x_s / (1 - s))
+        (flow models apply inverse_noise_scaling), so x_s = process_in(latent) * (1 - s).
+        """
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        return self.latent_format.process_in(latent.float()) * (1.0 - sigma)
+
+    def score(self, x: torch.Tensor, sigma: torch.Tensor | float, context: torch.Tensor,
+              pooled: torch.Tensor) -> torch.Tensor:
+        """Scores [B] (float32, on x's device) of model-space latents x at noise level sigma."""
+        comfy.model_management.load_models_gpu([self.patcher])
+        device = self.patcher.load_device
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).flatten().expand(x.shape[0])
+        timesteps = self.model_sampling.timestep(sigma)
+        with torch.no_grad():
+            scores = self.model(x.to(device, self.dtype), timesteps.to(device, self.dtype),
+                                context.to(device, self.dtype), pooled.to(device, self.dtype))
+        return scores.float().to(x.device)
+
+    def score_latents(self, samples: torch.Tensor, sigma: float, conditioning, chunk: int = 8,
+                      progress=None) -> torch.Tensor:
+        """Scores [B] of graph LATENT samples sitting at noise level `sigma` (0: clean).
+
+        Scores `chunk` latents per DRM call; `progress(done, total)` runs after each chunk (the node
+        uses it for its progress bar and to honour cancel).
+        """
+        self.check_sigma(sigma)
+        self.check_latent(samples)
+        x = self.model_space(samples, sigma)
+        context, pooled = self.conditioning_tensors(conditioning, x.shape[0])
+        scores = []
+        for start in range(0, x.shape[0], chunk):
+            end = start + chunk
+            scores.append(self.score(x[start:end], sigma, context[start:end], pooled[start:end]))
+            if progress is not None:
+                progress(min(end, x.shape[0]), x.shape[0])
+        return torch.cat(scores)
+
+    def schedule_sigma(self, steps: int, scheduler: str, step: int, model_sampling=None) -> float:
+        """Sigma after `step` of `steps` on a ComfyUI schedule (KSamplerAdvanced's end_at_step)."""
+        if not 0 <= step <= steps:
+            raise ValueError(f"step={step}: expected 0..steps ({steps}); step = steps means a clean latent.")
+        sigmas = comfy.samplers.calculate_sigmas(model_sampling or self.model_sampling, scheduler, steps)
+        return float(sigmas[step])
+
+
+def _to_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise ValueError(f"{what} has batch {t.shape[0]} but the latent batch is {batch}; use one prompt or one per latent.")
+
+
+def load_drm(path: str | os.PathLike, weight_dtype: torch.dtype | None = None, blocks: int | None = None,
+             base_model=None) -> LoadedDRM:
+    """Load a DRM file for scoring. `base_model` (the generator's ModelPatcher) is for adapter DRMs."""
+    ckpt = load_checkpoint(path, blocks=blocks)
+    name = Path(path).name
+    if ckpt.format == "adapter":
+        raise DRMCheckpointError(f"DRM file {name} is an adapter-format DRM, which this version cannot load yet "
+                                 f"({'a MODEL is connected' if base_model is not None else 'no MODEL connected'}); "
+                                 "use a full or official DRM.")
+    load_device = comfy.model_management.get_torch_device()
+    params = sum(t.numel() for t in ckpt.state_dict.values())
+    dtype = weight_dtype or comfy.model_management.unet_dtype(
+        load_device, model_params=params, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+    operations = comfy.ops.pick_operations(dtype, dtype, load_device=load_device)
+    try:
+        drm = build_drm(ckpt.state_dict, ckpt.blocks, dtype=dtype,
+                        device=comfy.model_management.unet_offload_device(), operations=operations)
+    except ValueError as e:
+        raise DRMCheckpointError(f"DRM file {name}: {e}") from None
+    return LoadedDRM(drm, name=name, metadata=ckpt.metadata, load_device=load_device)

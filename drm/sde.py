@@ -1,0 +1,136 @@
+"""Flow-matching SDE step with a Gaussian log-probability (the Flow-GRPO form). Pure torch.
+
+Conventions (rectified flow, SD3 / ComfyUI CONST): x_s = (1 - s) x0 + s e with s in [0, 1] ("sigma").
+The model returns the denoised x0, so the velocity is v = (x - x0) / s.
+
+One step from s to s_next < s (dt = s_next - s < 0) with noise level a ("eta"):
+
+    std   = a * sqrt(s / (1 - s))             (at s == 1, s_next stands in for s, else it is infinite)
+    mean  = x + (v + std^2 / (2 s) * (x + (1 - s) v)) * dt
+    x'    = mean + std * sqrt(-dt) * z,       z ~ N(0, I)
+
+The drift term is the score correction -(std^2 / 2) * grad log p_s, with grad log p_s = -(x + (1 - s) v) / s,
+so every a >= 0 keeps the marginals of the probability-flow ODE; a = 0 is exactly the Euler step x + v dt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Sigma = float | Tensor
+"""A noise level: a python float, a 0-dim tensor, or a [B] tensor (one sigma per batch row)."""
+
+
+@dataclass(frozen=True)
+class SDEStep:
+    """The result of one SDE step.
+
+    sample:   the next latent x', in the dtype of the input x.
+    mean:     the mean of the Gaussian transition, float32, shaped like x.
+    std:      the per-sample std of the transition (std * sqrt(-dt)), float32, shaped [B, 1, ..., 1].
+    log_prob: log density of `sample` under N(mean, std^2), summed over non-batch dims, float32 [B].
+    """
+
+    sample: Tensor
+    mean: Tensor
+    std: Tensor
+    log_prob: Tensor
+
+
+def sde_mean_std(x: Tensor, denoised: Tensor, sigma: Sigma, sigma_next: Sigma,
+                 eta: float = 0.7) -> tuple[Tensor, Tensor]:
+    """Mean and std of the Gaussian transition from `sigma` to `sigma_next`, both float32.
+
+    The std is the transition's own std (std * sqrt(-dt)), shaped [B, 1, ..., 1] to broadcast over x.
+    Branching samplers call this once per parent and draw any number of children as mean + std * z.
+    A step to sigma_next == 0 is deterministic: the mean is `denoised` and the std is 0.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}; pass a non-negative noise level "
+                         "(0 gives the deterministic Euler step).")
+    s, s_next = _sigma_columns(sigma, sigma_next, x)
+    x, x0 = x.float(), denoised.float()
+    dt = s_next - s
+
+    # s == 0 can only occur together with s_next == 0, whose rows are replaced below; dividing by 1
+    # there keeps the unused branch finite, so no NaN leaks into gradients.
+    s_div = torch.where(s > 0, s, 1.0)
+    v = (x - x0) / s_div
+    s_std = torch.where(s == 1, s_next, s)
+    std = eta * torch.sqrt(s_std / (1 - s_std))
+    # A zero-length step (s == s_next) adds no noise; this also drops the infinite std at s == s_next == 1.
+    std = torch.where(dt < 0, std, 0.0)
+
+    mean = x + (v + std**2 / (2 * s_div) * (x + (1 - s) * v)) * dt
+    step_std = std * torch.sqrt(-dt)
+
+    last = s_next == 0
+    mean = torch.where(last, x0, mean)
+    step_std = torch.where(last, 0.0, step_std)
+    return mean, step_std
+
+
+def sde_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Log density of `sample` under N(mean, std^2), summed over all non-batch dims -> float32 [B].
+
+    `std` broadcasts against `sample` (e.g. [B, 1, ..., 1] from `sde_mean_std`). Gradients flow through
+    `mean` (and `std`), so a trainer can recompute log-probs of stored samples under new parameters.
+    Rows whose std is 0 (eta 0, or the last step to sigma 0) are deterministic; their log-prob is
+    defined as 0.
+    """
+    sample, mean, std = sample.float(), mean.float(), std.float()
+    noisy = std > 0
+    safe_std = torch.where(noisy, std, 1.0)
+    log_prob = (-((sample - mean) ** 2) / (2 * safe_std**2)
+                - torch.log(safe_std) - 0.5 * math.log(2 * math.pi))
+    log_prob = torch.where(noisy, log_prob, 0.0)
+    return log_prob.reshape(sample.shape[0], -1).sum(dim=1)
+
+
+def sde_step(x: Tensor, denoised: Tensor, sigma: Sigma, sigma_next: Sigma, eta: float = 0.7,
+             noise: Tensor | None = None, generator: torch.Generator | None = None) -> SDEStep:
+    """One SDE step from `sigma` to `sigma_next` with its log-probability (see the module docstring).
+
+    x:          the current latent [B, ...] at noise level `sigma`.
+    denoised:   the model's x0 prediction for x, same shape.
+    sigma, sigma_next: python floats, 0-dim tensors or [B] tensors, with 0 <= sigma_next <= sigma <= 1.
+    eta:        noise level a >= 0; 0 gives the Euler step x + v * dt.
+    noise:      z, shaped like x; pass it to control the draw (e.g. K children of one parent with their
+                own z). If None, z is drawn with torch.randn on x's device using `generator`.
+
+    Everything is computed in float32; `sample` comes back in x.dtype. `log_prob` is evaluated at the
+    returned (rounded) sample, so recomputing it later from the stored sample gives the same value.
+    The last step (sigma_next == 0) is deterministic: sample = denoised, std = 0 and log_prob = 0.
+    """
+    mean, std = sde_mean_std(x, denoised, sigma, sigma_next, eta)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}; "
+                         "draw one z per element of x.")
+    sample = (mean + std * noise.float()).to(x.dtype)
+    return SDEStep(sample=sample, mean=mean, std=std, log_prob=sde_log_prob(sample, mean, std))
+
+
+def _sigma_columns(sigma: Sigma, sigma_next: Sigma, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate the two noise levels and shape them as float32 [B, 1, ..., 1] to broadcast over x."""
+    column = (x.shape[0],) + (1,) * (x.ndim - 1)
+    shaped = []
+    for name, value in (("sigma", sigma), ("sigma_next", sigma_next)):
+        t = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
+            raise ValueError(f"{name} must be a float, a 0-dim tensor or a [B] tensor with B = {x.shape[0]}, "
+                             f"got shape {tuple(t.shape)}; pass one noise level per batch row.")
+        if ((t < 0) | (t > 1)).any():
+            raise ValueError(f"{name} must lie in [0, 1] (rectified-flow noise level), got {value}; "
+                             "use a flow-matching (CONST) schedule that starts at 1 and ends at 0.")
+        shaped.append(t.reshape(-1, *column[1:]).expand(column))
+    s, s_next = shaped
+    if (s_next > s).any():
+        raise ValueError(f"sigma_next must be <= sigma, got sigma={sigma}, sigma_next={sigma_next}; "
+                         "sampling runs from noise to data, so pass a decreasing schedule.")
+    return s, s_next

@@ -1,0 +1,71 @@
+"""A tiny SD3.5-architecture generator and a tiny DRM, generated on the spot (no downloads).
+
+The generator has SD3.5-Medium's structure (rms qk-norm, x-block self-attention in block 0,
+16 latent channels, 4096-wide context, 2048-wide pooled text) at depth 2: hidden 128, about 2M
+parameters in the MMDiT. ComfyUI detects it as SD3. Its weights are random, so its pictures are
+noise: it exists to show and test the pipeline, not to make images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import comfy.ops
+import torch
+from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, get_2d_sincos_pos_embed
+
+from .checkpoint import HEAD_PREFIX
+from .head import ConvGNHead
+
+CONTEXT_DIM = 4096
+POOLED_DIM = 2048
+POS_EMBED_MAX = 32  # latents up to 64x64 (512x512 pixels)
+
+
+def tiny_generator_config(depth: int = 2) -> dict:
+    hidden = 64 * depth
+    return dict(
+        in_channels=16, out_channels=16, patch_size=2, depth=depth, input_size=None,
+        adm_in_channels=POOLED_DIM,
+        context_embedder_config={"target": "torch.nn.Linear",
+                                 "params": {"in_features": CONTEXT_DIM, "out_features": hidden}},
+        num_patches=POS_EMBED_MAX ** 2, pos_embed_max_size=POS_EMBED_MAX, pos_embed_scaling_factor=None,
+        qk_norm="rms", x_block_self_attn_layers=[0],
+    )
+
+
+@torch.no_grad()
+def tiny_generator_state_dict(depth: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Comfy-named MMDiT weights, deterministic for a given seed, fp32 on the CPU."""
+    model = MMDiT(**tiny_generator_config(depth), operations=comfy.ops.disable_weight_init)
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.ndim == 1:  # norm scales
+            param.fill_(1.0)
+        else:  # linear and conv weights: unit-variance outputs for unit-variance inputs
+            fan_in = math.prod(param.shape[1:])
+            param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(fan_in))
+    pos = get_2d_sincos_pos_embed(model.hidden_size, POS_EMBED_MAX)
+    model.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def tiny_drm_state_dict(generator_sd: dict[str, torch.Tensor], blocks: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A `full`-layout DRM: the generator's first `blocks` joint blocks and final layer, plus a random head."""
+    sd = {k: v.clone() for k, v in generator_sd.items()
+          if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= blocks)}
+    torch.manual_seed(seed)
+    head = ConvGNHead(in_channels=16)
+    sd.update({HEAD_PREFIX + k: v.clone() for k, v in head.state_dict().items()})
+    return sd
+
+
+def tiny_conditioning(seed: int = 0, tokens: int = 8, batch: int = 1) -> list:
+    """A ComfyUI CONDITIONING in SD3's shapes, standing in for encoded text (no text encoders needed)."""
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, tokens, CONTEXT_DIM, generator=gen)
+    pooled = torch.randn(batch, POOLED_DIM, generator=gen)
+    return [[context, {"pooled_output": pooled}]]

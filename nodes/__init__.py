@@ -1,0 +1,23 @@
+"""ComfyUI glue: thin V3 nodes over drm/."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from ..drm.host import register_model_folders
+from .loader import DRMLoadConditioning, DRMLoader
+from .score import DRMScoreLatent
+
+register_model_folders()
+
+NODES = [DRMLoader, DRMLoadConditioning, DRMScoreLatent]
+
+
+class DRMExtension(ComfyExtension):
+    async def on_load(self) -> None:  # newer ComfyUI awaits this; 0.3.64 never calls it
+        return None
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> DRMExtension:
+    return DRMExtension()

@@ -1,0 +1,53 @@
+"""DRM Loader and the cached-conditioning loader."""
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..drm.conditioning import load_conditioning
+from ..drm.runtime import WEIGHT_DTYPES, load_drm
+from .types import DRMModel
+
+
+class DRMLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DRMLoader",
+            display_name="DRM Loader",
+            category="DRM",
+            description="Loads a DRM reward model (full or official format) from ComfyUI/models/drm.",
+            inputs=[
+                io.Combo.Input("drm_name", options=folder_paths.get_filename_list("drm"),
+                               tooltip="DRM checkpoint (.safetensors) in ComfyUI/models/drm."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Weight precision. default lets ComfyUI pick for your device (bf16 or fp16 on GPUs)."),
+                io.Model.Input("model", optional=True,
+                               tooltip="The generator MODEL. Only adapter-format DRMs use it, to share its weights."),
+            ],
+            outputs=[DRMModel.Output(display_name="drm")],
+        )
+
+    @classmethod
+    def execute(cls, drm_name, weight_dtype, model=None) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("drm", drm_name)
+        return io.NodeOutput(load_drm(path, weight_dtype=WEIGHT_DTYPES[weight_dtype], base_model=model))
+
+
+class DRMLoadConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DRMLoadConditioning",
+            display_name="DRM Load Cached Conditioning",
+            category="DRM",
+            description="Loads prompt conditioning cached by the DRM trainer, so no text encoder is needed.",
+            inputs=[
+                io.Combo.Input("conditioning_name", options=folder_paths.get_filename_list("drm_conditioning"),
+                               tooltip="Cached conditioning (.safetensors with context and pooled) in ComfyUI/models/drm_conditioning."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, conditioning_name) -> io.NodeOutput:
+        return io.NodeOutput(load_conditioning(folder_paths.get_full_path_or_raise("drm_conditioning", conditioning_name)))

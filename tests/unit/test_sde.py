@@ -1,0 +1,154 @@
+"""Unit tests for drm/sde.py: the flow-matching SDE step and its log-probability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drm.sde import SDEStep, sde_log_prob, sde_mean_std, sde_step
+
+# Gaussian data x0 ~ N(MU, TAU^2 I): x_s = (1 - s) x0 + s e is Gaussian too, so the exact denoiser and
+# the exact marginal of x_s are known in closed form.
+MU, TAU = 0.5, 0.6
+
+
+def gaussian_denoiser(x: torch.Tensor, s) -> torch.Tensor:
+    """E[x0 | x_s] for x0 ~ N(MU, TAU^2): MU + (1-s) TAU^2 / ((1-s)^2 TAU^2 + s^2) (x_s - (1-s) MU)."""
+    s = torch.as_tensor(s, dtype=x.dtype)
+    return MU + (1 - s) * TAU**2 / ((1 - s) ** 2 * TAU**2 + s**2) * (x - (1 - s) * MU)
+
+
+def marginal(s: float) -> tuple[float, float]:
+    """Mean and variance of x_s: N((1-s) MU, (1-s)^2 TAU^2 + s^2)."""
+    return (1 - s) * MU, (1 - s) ** 2 * TAU**2 + s**2
+
+
+def random_inputs(seed: int = 0, shape=(3, 4, 5, 5)) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize(("sigma", "sigma_next"), [(1.0, 0.9), (0.6, 0.55), (0.3, 0.1)])
+def test_eta_zero_is_an_euler_step(sigma, sigma_next):
+    x, denoised = random_inputs()
+    step = sde_step(x, denoised, sigma, sigma_next, eta=0.0, generator=torch.Generator().manual_seed(1))
+    euler = x + (x - denoised) / sigma * (sigma_next - sigma)
+    torch.testing.assert_close(step.sample, euler, rtol=0, atol=1e-6)
+    assert torch.all(step.std == 0)
+
+
+def test_log_prob_matches_torch_normal():
+    x, denoised = random_inputs()
+    step = sde_step(x, denoised, 0.7, 0.6, eta=0.7, generator=torch.Generator().manual_seed(1))
+    assert isinstance(step, SDEStep)
+    assert step.log_prob.shape == (x.shape[0],) and step.log_prob.dtype == torch.float32
+    assert torch.all(step.std > 0)
+    expected = torch.distributions.Normal(step.mean, step.std.expand_as(step.mean)).log_prob(step.sample)
+    torch.testing.assert_close(step.log_prob, expected.sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-3)
+
+
+def test_transition_std_and_mean_follow_the_formula():
+    x, denoised = random_inputs()
+    s, s_next, a = 0.7, 0.6, 0.7
+    mean, std = sde_mean_std(x, denoised, s, s_next, a)
+    v = (x - denoised) / s
+    base_std = a * (s / (1 - s)) ** 0.5
+    expected_mean = x + (v + base_std**2 / (2 * s) * (x + (1 - s) * v)) * (s_next - s)
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(std, torch.full((3, 1, 1, 1), base_std * (s - s_next) ** 0.5))
+
+
+def test_sigma_one_uses_sigma_next_inside_the_sqrt():
+    x, denoised = random_inputs()
+    _, std = sde_mean_std(x, denoised, 1.0, 0.9, eta=0.7)
+    expected = 0.7 * (0.9 / 0.1) ** 0.5 * 0.1**0.5
+    torch.testing.assert_close(std, torch.full_like(std, expected))
+
+
+def test_given_noise_is_used_and_generator_is_reproducible():
+    x, denoised = random_inputs()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    step = sde_step(x, denoised, 0.5, 0.4, noise=noise)
+    torch.testing.assert_close(step.sample, step.mean + step.std * noise)
+
+    a = sde_step(x, denoised, 0.5, 0.4, generator=torch.Generator().manual_seed(3)).sample
+    b = sde_step(x, denoised, 0.5, 0.4, generator=torch.Generator().manual_seed(3)).sample
+    c = sde_step(x, denoised, 0.5, 0.4, generator=torch.Generator().manual_seed(4)).sample
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_gradients_flow_through_mean():
+    x, denoised = random_inputs()
+    step = sde_step(x, denoised, 0.5, 0.4, generator=torch.Generator().manual_seed(1))
+    mean = step.mean.clone().requires_grad_(True)
+    sde_log_prob(step.sample, mean, step.std).sum().backward()
+    # d/dmean log N(sample; mean, std^2) = (sample - mean) / std^2
+    torch.testing.assert_close(mean.grad, (step.sample - step.mean) / step.std**2, rtol=1e-4, atol=1e-4)
+
+
+def test_last_step_to_zero_returns_denoised_exactly():
+    x, denoised = random_inputs()
+    step = sde_step(x, denoised, 0.2, 0.0, eta=0.7, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(step.sample, denoised)
+    assert torch.all(step.std == 0)
+    assert torch.equal(step.log_prob, torch.zeros(x.shape[0]))
+
+
+def test_per_row_sigmas_match_scalar_calls():
+    x, denoised = random_inputs()
+    sigmas, sigmas_next = torch.tensor([1.0, 0.5, 0.2]), torch.tensor([0.9, 0.4, 0.0])
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    batched = sde_step(x, denoised, sigmas, sigmas_next, noise=noise)
+    for b in range(3):
+        row = sde_step(x[b:b + 1], denoised[b:b + 1], sigmas[b].item(), sigmas_next[b].item(),
+                       noise=noise[b:b + 1])
+        torch.testing.assert_close(batched.sample[b:b + 1], row.sample)
+        torch.testing.assert_close(batched.log_prob[b:b + 1], row.log_prob)
+
+
+def test_low_precision_input_keeps_its_dtype_and_float32_stats():
+    x, denoised = random_inputs()
+    step = sde_step(x.bfloat16(), denoised.bfloat16(), 0.5, 0.4, generator=torch.Generator().manual_seed(1))
+    assert step.sample.dtype == torch.bfloat16
+    assert step.mean.dtype == torch.float32 and step.log_prob.dtype == torch.float32
+    torch.testing.assert_close(step.log_prob, sde_log_prob(step.sample, step.mean, step.std))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_sampling_gaussian_data_keeps_the_analytic_marginal(eta):
+    steps, n, dim = 50, 20000, 4
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, dim, generator=g)
+    checked = []
+    for i in range(steps):
+        x = sde_step(x, gaussian_denoiser(x, sigmas[i]), sigmas[i], sigmas[i + 1], eta, generator=g).sample
+        if i + 1 in (steps // 2, steps):
+            mean, var = marginal(sigmas[i + 1].item())
+            # Tolerances cover the O(1/steps) discretisation error; the sampling error is far smaller.
+            assert abs(x.mean().item() - mean) < 0.05
+            assert abs(x.var().item() / var - 1) < 0.10
+            checked.append(i + 1)
+    assert checked == [steps // 2, steps]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"sigma": 0.5, "sigma_next": 0.4, "eta": -0.1}, "eta"),
+        ({"sigma": 0.4, "sigma_next": 0.5}, "sigma_next"),
+        ({"sigma": 1.5, "sigma_next": 0.5}, "sigma"),
+        ({"sigma": 0.5, "sigma_next": -0.1}, "sigma_next"),
+        ({"sigma": torch.tensor([0.5, 0.5]), "sigma_next": 0.4}, "sigma"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(kwargs, name):
+    x, denoised = random_inputs()
+    with pytest.raises(ValueError, match=rf"^{name} must"):
+        sde_step(x, denoised, **kwargs)
+
+
+def test_noise_of_the_wrong_shape_raises():
+    x, denoised = random_inputs()
+    with pytest.raises(ValueError, match="^noise must"):
+        sde_step(x, denoised, 0.5, 0.4, noise=torch.zeros(x.shape[1:]))
