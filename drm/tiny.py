@@ -23,6 +23,7 @@ POS_EMBED_MAX = 32  # latents up to 64x64 (512x512 pixels)
 
 
 def tiny_generator_config(depth: int = 2) -> dict:
+    """SD3.5-Medium's MMDiT layout at any depth (depth 24 is SD3.5-M's size, up to 512 px here)."""
     hidden = 64 * depth
     return dict(
         in_channels=16, out_channels=16, patch_size=2, depth=depth, input_size=None,
@@ -30,7 +31,8 @@ def tiny_generator_config(depth: int = 2) -> dict:
         context_embedder_config={"target": "torch.nn.Linear",
                                  "params": {"in_features": CONTEXT_DIM, "out_features": hidden}},
         num_patches=POS_EMBED_MAX ** 2, pos_embed_max_size=POS_EMBED_MAX, pos_embed_scaling_factor=None,
-        qk_norm="rms", x_block_self_attn_layers=[0],
+        # SD3.5-M adds x-block self-attention to its first 13 of 24 blocks
+        qk_norm="rms", x_block_self_attn_layers=list(range(max(1, round(depth * 13 / 24)))),
     )
 
 

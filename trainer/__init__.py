@@ -1,0 +1,1 @@
+"""Headless trainer and demo: `python -m trainer --help`."""

@@ -1,0 +1,35 @@
+"""Command line: `python -m trainer <command>`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser.add_argument("--comfyui", metavar="PATH",
+                        help="ComfyUI tree to use (default: $COMFYUI_PATH, then the ComfyUI holding this pack)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the pipeline on a tiny random-weight SD3.5-architecture model")
+    demo.add_argument("--steps", type=int, default=8, help="sampling steps (default 8)")
+    demo.add_argument("--batch", type=int, default=3, help="latents per prompt (default 3)")
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from drm.host import ComfyUINotFound, import_comfy
+
+    try:
+        import_comfy(args.comfyui)
+    except ComfyUINotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(steps=args.steps, batch=args.batch, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
