@@ -1,0 +1,237 @@
+"""Server tier: one real ComfyUI server (from COMFYUI_PATH) for the whole session, with this pack
+installed as a custom node and the tiny models in its model folders.
+
+Tests here talk to the server over HTTP only (standard library, no `requests`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACK_FOLDER = "comfyui-drm"  # the folder name a user would clone this pack into
+STARTUP_TIMEOUT = 120.0
+LOG_TAIL_LINES = 60
+
+
+class PromptRejected(AssertionError):
+    """POST /prompt answered an error (the graph failed validation); `body` is the server's JSON."""
+
+    def __init__(self, status: int, body):
+        super().__init__(f"POST /prompt answered HTTP {status}: {json.dumps(body, indent=1)[:4000]}")
+        self.status = status
+        self.body = body
+
+
+class ComfyServer:
+    """A running ComfyUI server and small HTTP helpers for tests."""
+
+    PromptRejected = PromptRejected
+    pack_folder = PACK_FOLDER
+
+    def __init__(self, process: subprocess.Popen, base_url: str, root: Path, log_path: Path):
+        self.process = process
+        self.base_url = base_url
+        self.root = root
+        self.log_path = log_path
+        self.output_dir = root / "output"
+
+    # ---- HTTP ----
+
+    def _request(self, path: str, data: dict | None = None, timeout: float = 30.0):
+        body = None if data is None else json.dumps(data).encode()
+        request = urllib.request.Request(self.base_url + path, data=body,
+                                         headers={"Content-Type": "application/json"} if body else {})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read().decode() or "null")
+
+    def get(self, path: str, timeout: float = 30.0):
+        """GET `path` (e.g. "/object_info") and decode its JSON answer."""
+        return self._request(path, timeout=timeout)
+
+    def post(self, path: str, data: dict, timeout: float = 30.0):
+        return self._request(path, data, timeout=timeout)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def post_prompt(self, workflow: dict) -> str:
+        """Queue an API-format workflow; returns its prompt id. Raises PromptRejected on a validation error."""
+        prompt_id = str(uuid.uuid4())  # newer servers validate prompt ids as UUIDs
+        payload = {"prompt": workflow, "client_id": str(uuid.uuid4()), "prompt_id": prompt_id}
+        try:
+            answer = self.post("/prompt", payload)
+        except urllib.error.HTTPError as e:
+            raw = e.read().decode(errors="replace")
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw
+            raise PromptRejected(e.code, body) from None
+        assert answer["prompt_id"] == prompt_id, answer
+        return prompt_id
+
+    def wait_for(self, prompt_id: str, timeout: float = 120.0) -> dict:
+        """The /history entry of a finished prompt (success or error), polling until it appears."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry is not None:
+                return entry
+            if not self.alive():
+                raise AssertionError(f"the ComfyUI server died while running prompt {prompt_id}.\n"
+                                     f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s; queue: "
+                                     f"{self.get('/queue')}\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    # ---- diagnostics ----
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return _tail(self.log_path, lines)
+
+    def describe_failure(self, entry: dict) -> str:
+        """A history entry's status messages (errors in full, others by name) and the server log tail."""
+        status = entry.get("status") or {}
+        parts = [f"status: {status.get('status_str')} (completed={status.get('completed')})"]
+        for event, data in status.get("messages", []):
+            if event in ("execution_error", "execution_interrupted"):
+                parts.append(f"{event}: node {data.get('node_id')} ({data.get('node_type')}): "
+                             f"{data.get('exception_type')}: {data.get('exception_message')}\n"
+                             + "".join(data.get("traceback") or []))
+            else:
+                parts.append(event)
+        parts.append(f"outputs: {json.dumps(entry.get('outputs'))[:2000]}")
+        parts.append(self.log_tail())
+        return "\n".join(parts)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            last = deque(f, maxlen=lines)
+    except OSError as e:
+        return f"(no server log: {e})"
+    return f"--- last {len(last)} lines of {path} ---\n" + "".join(last)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build_models(models: Path) -> None:
+    """The tiny generator, the tiny DRM and two cached prompts, in ComfyUI's model-folder layout."""
+    from drm.checkpoint import atomic_save
+    from drm.conditioning import save_conditioning
+    from drm.tiny import tiny_conditioning, tiny_drm_state_dict, tiny_generator_state_dict
+
+    generator = tiny_generator_state_dict()
+    atomic_save(generator, models / "diffusion_models" / "tiny-sd35.safetensors", {})
+    atomic_save(tiny_drm_state_dict(generator), models / "drm" / "tiny-drm.safetensors",
+                {"drm.format": "full", "drm.blocks": "1"})
+    for seed in (0, 1):
+        cond = tiny_conditioning(seed=seed)
+        save_conditioning(models / "drm_conditioning" / f"tiny-prompt-{seed}.safetensors",
+                          cond[0][0], cond[0][1]["pooled_output"], prompt=f"tiny prompt {seed}")
+
+
+def _write_extra_paths(path: Path, models: Path, custom_nodes: Path) -> None:
+    # ComfyUI 0.3.64's utils/extra_config.py: every key but base_path / is_default is a folder name
+    # passed to folder_paths.add_model_folder_path, custom_nodes included; relative paths join base_path.
+    # JSON is valid YAML, so no YAML writer is needed.
+    config = {"drm_server_tests": {
+        "base_path": str(models.parent),
+        "is_default": True,
+        "diffusion_models": "models/diffusion_models",
+        "drm": "models/drm",
+        "drm_conditioning": "models/drm_conditioning",
+        "custom_nodes": custom_nodes.name,
+    }}
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def server(comfyui, tmp_path_factory) -> Iterator[ComfyServer]:
+    """A ComfyUI server on a free port, loading this repository as custom node `comfyui-drm`."""
+    root = tmp_path_factory.mktemp("comfyui-server")
+    models = root / "models"
+    _build_models(models)
+
+    custom_nodes = root / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+
+    extra_paths = root / "extra_model_paths.yaml"
+    _write_extra_paths(extra_paths, models, custom_nodes)
+    for name in ("output", "input", "temp"):
+        (root / name).mkdir()
+
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = root / "server.log"
+    command = [
+        sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+        "--extra-model-paths-config", str(extra_paths),
+        "--database-url", "sqlite:///:memory:",
+        "--output-directory", str(root / "output"),
+        "--input-directory", str(root / "input"),
+        "--temp-directory", str(root / "temp"),
+        "--disable-auto-launch",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=str(comfyui), env=env, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    server = ComfyServer(process, base_url, root, log_path)
+    try:
+        _wait_until_ready(server)
+        yield server
+    finally:
+        _stop(process)
+
+
+def _wait_until_ready(server: ComfyServer) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        if not server.alive():
+            pytest.fail(f"the ComfyUI server exited with code {server.process.returncode} during startup.\n"
+                        f"{server.log_tail()}", pytrace=False)
+        try:
+            server.get("/system_stats", timeout=5)
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the ComfyUI server did not answer {server.base_url}/system_stats within "
+                        f"{STARTUP_TIMEOUT:.0f} s.\n{server.log_tail()}", pytrace=False)
+        time.sleep(0.25)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=15)
