@@ -5,10 +5,11 @@ from comfy_api.latest import ComfyExtension, io
 from ..drm.host import register_model_folders
 from .loader import DRMLoadConditioning, DRMLoader
 from .score import DRMScoreLatent
+from .stepwise import DRMStepwiseKSampler, SamplerDRMStepwise
 
 register_model_folders()
 
-NODES = [DRMLoader, DRMLoadConditioning, DRMScoreLatent]
+NODES = [DRMLoader, DRMLoadConditioning, DRMScoreLatent, DRMStepwiseKSampler, SamplerDRMStepwise]
 
 
 class DRMExtension(ComfyExtension):

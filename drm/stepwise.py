@@ -1,0 +1,99 @@
+"""Step-wise sampling inside ComfyUI: the search of search.py as a KSAMPLER, rewarded by a DRM.
+
+The KSAMPLER's sampler function has k-diffusion's shape, so it runs under KSampler-style nodes and
+SamplerCustomAdvanced alike. The DRM scores candidates with the guider's positive conditioning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.samplers
+import torch
+
+from .runtime import LoadedDRM
+from .search import sample_drm_stepwise
+
+
+@dataclass
+class RewardTrace:
+    """What the search chose at each branching step, averaged over the batch."""
+
+    steps: list[int] = field(default_factory=list)
+    sigmas: list[float] = field(default_factory=list)
+    chosen: list[float] = field(default_factory=list)  # mean kept score
+    spread: list[float] = field(default_factory=list)  # mean (best - worst) among the candidates
+    worst: list[float] = field(default_factory=list)  # mean worst candidate score
+
+    def record(self, step: int, sigma_next: float, chosen: torch.Tensor, candidates: torch.Tensor | None) -> None:
+        if candidates is None:  # a plain step: nothing was scored
+            return
+        self.steps.append(step)
+        self.sigmas.append(sigma_next)
+        self.chosen.append(chosen.mean().item())
+        low, high = candidates.min(dim=1).values, candidates.max(dim=1).values
+        self.spread.append((high - low).mean().item())
+        self.worst.append(low.mean().item())
+
+
+def positive_conditioning(guider) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, pooled) of the first positive cond, as the guider prepared it for the model."""
+    conds = getattr(guider, "conds", None) or {}
+    positive = conds.get("positive") or []
+    if not positive or "c_crossattn" not in positive[0].get("model_conds", {}):
+        raise ValueError("the guider has no positive text conditioning; the DRM scores against the positive prompt, "
+                         "so connect SD3 conditioning to positive.")
+    model_conds = positive[0]["model_conds"]
+    if "y" not in model_conds:
+        raise ValueError("the positive conditioning has no pooled output; the DRM needs SD3 conditioning.")
+    return model_conds["c_crossattn"].cond, model_conds["y"].cond
+
+
+def check_fits(drm: LoadedDRM, model_patcher) -> None:
+    """Refuse a DRM that cannot read this MODEL's latents and conditioning."""
+    latent_format = model_patcher.get_model_object("latent_format")
+    if latent_format.latent_channels != drm.model.in_channels:
+        raise ValueError(f"the MODEL makes {latent_format.latent_channels}-channel latents but the DRM reads "
+                         f"{drm.model.in_channels}; use a DRM trained for this model family (SD3 / SD3.5).")
+    context_dim = getattr(model_patcher.model.diffusion_model.context_embedder, "in_features", None)
+    if context_dim is not None and context_dim != drm.model.context_dim:
+        raise ValueError(f"the MODEL's text context is {context_dim} wide but the DRM's is {drm.model.context_dim}; "
+                         "use a DRM trained for this model family.")
+
+
+def schedule_sigmas(model_sampling, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """The sigmas KSampler uses: `steps` steps, the tail of a longer schedule when denoise < 1."""
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise={denoise}: expected 0 < denoise <= 1.")
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    return comfy.samplers.calculate_sigmas(model_sampling, scheduler, total)[-(steps + 1):]
+
+
+def stepwise_ksampler(drm: LoadedDRM, trace: RewardTrace | None = None, **search_options) -> comfy.samplers.KSAMPLER:
+    """A KSAMPLER running step-wise search with this DRM. `search_options` go to sample_drm_stepwise."""
+
+    @torch.no_grad()
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        if (extra_args or {}).get("denoise_mask") is not None:
+            raise ValueError("the latent has a noise mask (inpainting); step-wise sampling does not support masks. "
+                             "Remove the mask (e.g. drop SetLatentNoiseMask) or use a plain sampler.")
+        drm.check_latent(x, "latent being sampled")
+        context, pooled = positive_conditioning(model.inner_model)
+
+        def reward_fn(candidates, sigma_next, parent_index):
+            # ComfyUI tiles a shorter conditioning batch over the latents: row r uses prompt r % n.
+            parent_index = parent_index.to(context.device)
+            return drm.score(candidates, sigma_next, context[parent_index % context.shape[0]],
+                             pooled[parent_index % pooled.shape[0]])
+
+        def on_step(i, chosen, candidates):
+            if trace is not None:
+                trace.record(i, float(sigmas[i + 1]), chosen, candidates)
+
+        return sample_drm_stepwise(model, x, sigmas, extra_args, callback, disable, reward_fn=reward_fn,
+                                   on_step=on_step,
+                                   interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                                   **search_options)
+
+    return comfy.samplers.KSAMPLER(sample)

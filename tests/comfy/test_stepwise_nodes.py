@@ -1,0 +1,144 @@
+"""DRM Step-wise KSampler and SamplerDRMStepwise on the tiny model, through comfy.sample."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def nodes_mod(pack):
+    return pack.nodes
+
+
+@pytest.fixture(scope="module")
+def drm(nodes_mod):
+    return nodes_mod.loader.DRMLoader.execute("tiny-drm.safetensors", "fp32").args[0]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_generator):
+    from drm.tiny import tiny_conditioning
+
+    return dict(model=tiny_generator[1], positive=tiny_conditioning(seed=0), negative=tiny_conditioning(seed=1))
+
+
+def stepwise(nodes_mod, drm, setup, latent, **options):
+    args = dict(seed=7, steps=STEPS, cfg=2.0, scheduler="simple", denoise=1.0, branches=4, eta=0.7, mode="greedy",
+                beam_width=2, temperature=1.0, window_start=0, window_end=-1)
+    args.update(options)
+    return nodes_mod.stepwise.DRMStepwiseKSampler.execute(
+        setup["model"], positive=setup["positive"], negative=setup["negative"], latent_image=latent, drm=drm, **args).args
+
+
+def empty(batch=1):
+    return {"samples": torch.zeros(batch, 16, 16, 16)}
+
+
+def test_one_branch_without_noise_is_comfy_euler(nodes_mod, drm, setup):
+    import nodes as comfy_nodes
+
+    (reference,) = comfy_nodes.KSampler().sample(setup["model"], 7, STEPS, 2.0, "euler", "simple", setup["positive"],
+                                                 setup["negative"], empty(2), denoise=1.0)
+    latent, trace, spread, plot = stepwise(nodes_mod, drm, setup, empty(2), branches=1, eta=0.0)
+    assert torch.allclose(latent["samples"], reference["samples"], atol=1e-5, rtol=0)
+    # one candidate per step: a spread of exactly 0
+    assert len(trace) == STEPS - 1 and all(s == 0 for s in spread)
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3
+
+
+def test_branching_changes_result_and_is_deterministic(nodes_mod, drm, setup):
+    first = stepwise(nodes_mod, drm, setup, empty(3))
+    again = stepwise(nodes_mod, drm, setup, empty(3))
+    plain = stepwise(nodes_mod, drm, setup, empty(3), branches=1)
+    assert first[0]["samples"].shape == (3, 16, 16, 16)
+    assert torch.equal(first[0]["samples"], again[0]["samples"]) and first[1] == again[1]
+    assert not torch.allclose(first[0]["samples"], plain[0]["samples"])
+    assert all(s > 0 for s in first[2])  # K = 4 distinct candidates
+
+
+def test_window_limits_branching(nodes_mod, drm, setup):
+    _, trace, _, _ = stepwise(nodes_mod, drm, setup, empty(), window_start=1, window_end=3)
+    assert len(trace) == 2
+
+
+def test_trace_score_equals_score_latent_on_that_step(nodes_mod, drm, setup):
+    """The kept score at step i is what DRM Score Latent says of the latent the search kept there."""
+    import comfy.sample
+
+    from drm.stepwise import RewardTrace, schedule_sigmas
+
+    model = setup["model"]
+    trace = RewardTrace()
+    sampler = nodes_mod.stepwise.stepwise_ksampler(drm, trace, branches=3, eta=0.7, window=(0, None))
+    sigmas = schedule_sigmas(model.get_model_object("model_sampling"), "simple", STEPS)
+    kept = {}
+
+    def callback(i, denoised, x, total):
+        kept[i] = x.clone()  # x before step i = the state kept at step i - 1
+
+    samples = empty()["samples"]
+    comfy.sample.sample_custom(model, comfy.sample.prepare_noise(samples, 7), 2.0, sampler, sigmas,
+                               setup["positive"], setup["negative"], samples, callback=callback, seed=7)
+    latent_format = model.get_model_object("latent_format")
+    assert trace.steps == list(range(STEPS - 1))  # every step but the last (to sigma 0) branched
+    for n, step in enumerate(trace.steps):
+        sigma = float(sigmas[step + 1])
+        graph_latent = latent_format.process_out(kept[step + 1] / (1 - sigma))  # as KSamplerAdvanced leaves it
+        (score,), _, _ = nodes_mod.score.DRMScoreLatent.execute(drm, {"samples": graph_latent}, setup["positive"],
+                                                                 "sigma", sigma, 20, "simple", 20).args
+        assert score == pytest.approx(trace.chosen[n], abs=1e-5)
+
+
+def test_sampler_node_runs_under_sampler_custom_advanced(nodes_mod, drm, setup):
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as custom
+
+    from drm.stepwise import schedule_sigmas
+
+    model = setup["model"]
+    sampler = nodes_mod.stepwise.SamplerDRMStepwise.execute(drm, 2, 0.7, "beam", 2, 1.0, 0, -1).args[0]
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(setup["positive"], setup["negative"])
+    guider.set_cfg(2.0)
+    sigmas = schedule_sigmas(model.get_model_object("model_sampling"), "simple", STEPS)
+    out, _ = custom.SamplerCustomAdvanced().sample(custom.Noise_RandomNoise(7), guider, sampler, sigmas, empty(2))
+    assert out["samples"].shape == (2, 16, 16, 16) and torch.isfinite(out["samples"]).all()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(branches=0), "branches must be >= 1"),
+    (dict(eta=-0.1), "eta must be >= 0"),
+    (dict(window_start=2, window_end=9), r"window must satisfy 0 <= start <= end <= steps = 5"),
+    (dict(window_start=4, window_end=2), "window must satisfy"),
+    (dict(mode="best-of"), "mode must be one of"),
+])
+def test_bad_search_settings_are_refused(nodes_mod, drm, setup, options, message):
+    with pytest.raises(ValueError, match=message):
+        stepwise(nodes_mod, drm, setup, empty(), **options)
+
+
+def test_noise_mask_is_refused(nodes_mod, drm, setup):
+    latent = dict(empty(), noise_mask=torch.ones(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="noise mask"):
+        stepwise(nodes_mod, drm, setup, latent)
+
+
+def test_drm_for_another_context_width_is_refused(pack, setup):
+    from drm.tiny import tiny_drm_state_dict, tiny_generator_state_dict
+
+    sd = tiny_drm_state_dict(tiny_generator_state_dict())
+    sd["context_embedder.weight"] = sd["context_embedder.weight"][:, :2048].contiguous()
+    narrow = pack.drm.runtime.LoadedDRM(pack.drm.model.build_drm(sd, blocks=1))
+    with pytest.raises(ValueError, match="text context is 4096 wide but the DRM's is 2048"):
+        pack.drm.stepwise.check_fits(narrow, setup["model"])
+
+
+def test_drm_for_another_latent_space_is_refused(pack, drm):
+    sd15_like = SimpleNamespace(get_model_object=lambda name: SimpleNamespace(latent_channels=4))
+    with pytest.raises(ValueError, match="4-channel latents but the DRM reads 16"):
+        pack.drm.stepwise.check_fits(drm, sd15_like)
