@@ -142,3 +142,25 @@ def test_drm_for_another_latent_space_is_refused(pack, drm):
     sd15_like = SimpleNamespace(get_model_object=lambda name: SimpleNamespace(latent_channels=4))
     with pytest.raises(ValueError, match="4-channel latents but the DRM reads 16"):
         pack.drm.stepwise.check_fits(drm, sd15_like)
+
+
+def test_cancel_stops_sampling(nodes_mod, drm, setup):
+    """A user's cancel (ComfyUI's interrupt flag) stops the search at the next candidate batch."""
+    import comfy.model_management as mm
+
+    scored = []
+    original = drm.score
+
+    def cancel_after_first_batch(*args):
+        scored.append(1)
+        mm.interrupt_current_processing(True)
+        return original(*args)
+
+    drm.score = cancel_after_first_batch
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            stepwise(nodes_mod, drm, setup, empty())
+    finally:
+        drm.score = original
+        mm.interrupt_current_processing(False)
+    assert len(scored) == 1

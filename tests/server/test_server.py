@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / "workflows" / "api" / "score_latents.json"
-PACK_NODES = ("DRMLoader", "DRMLoadConditioning", "DRMScoreLatent")
+PACK_NODES = ("DRMLoader", "DRMLoadConditioning", "DRMScoreLatent", "DRMStepwiseKSampler", "SamplerDRMStepwise")
 SUMMARY_LINE = re.compile(r"^\s*#(\d+):\s*(\S+)\s*$", re.MULTILINE)
 
 
@@ -129,3 +129,19 @@ def test_unknown_drm_file_fails_with_its_name(server):
     assert errors[0]["node_type"] == "DRMLoader", server.describe_failure(entry)
     assert "missing.safetensors" in errors[0]["exception_message"], errors[0]["exception_message"]
     assert server.alive(), server.log_tail()
+
+
+def test_stepwise_workflow_beside_ksampler(server):
+    """Step-wise sampling and plain KSampler on the same seed, both scored; the trace and its plot come back."""
+    workflow = json.loads((REPO / "workflows" / "api" / "stepwise_vs_ksampler.json").read_text(encoding="utf-8"))
+    entry = server.wait_for(server.post_prompt(workflow), timeout=300)
+    assert entry["status"]["status_str"] == "success", server.describe_failure(entry)
+    outputs = entry["outputs"]
+    plain = parse_summary(outputs["10"]["text"][0])[0]
+    stepwise = parse_summary(outputs["11"]["text"][0])[0]
+    assert math.isfinite(plain) and math.isfinite(stepwise) and plain != stepwise
+    steps = workflow["7"]["inputs"]["steps"]
+    trace = [float(t) for t in outputs["12"]["text"]]
+    assert len(trace) == steps - 1 and all(math.isfinite(t) for t in trace)  # every step but the last branched
+    (plot,) = outputs["13"]["images"]
+    assert plot["filename"].endswith(".png")
