@@ -44,16 +44,22 @@ class DRMCheckpoint:
     metadata: dict[str, str]
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; a clear DRMCheckpointError for anything else."""
+def read_safetensors(path: str | os.PathLike, what: str = "DRM file",
+                     where: str = "Put DRM checkpoints in ComfyUI/models/drm/.") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a clear DRMCheckpointError for anything else.
+
+    `what` names the file in messages; `where` says where such files belong.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DRMCheckpointError(f"DRM file {path} does not exist. Put DRM checkpoints in ComfyUI/models/drm/.")
+        raise DRMCheckpointError(f"{what} {path} does not exist. {where}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # A safetensors file starts with a u64 header length and then its JSON header's "{"; a pickle
+    # starts with a zip magic (torch.save) or the pickle protocol opcode.
+    if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise DRMCheckpointError(
-            f"DRM file {path.name} is a PyTorch pickle, not safetensors. Pickles can run code when loaded, so "
+            f"{what} {path.name} is a PyTorch pickle, not safetensors. Pickles can run code when loaded, so "
             "only .safetensors is accepted: convert it with safetensors.torch.save_file on a trusted machine.")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -61,7 +67,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
         raise DRMCheckpointError(
-            f"DRM file {path.name} is not a readable safetensors file ({e}). It may be truncated: "
+            f"{what} {path.name} is not a readable safetensors file ({e}). It may be truncated: "
             "download or export it again.") from None
     return tensors, metadata
 
@@ -143,20 +149,45 @@ def load_checkpoint(path: str | os.PathLike, blocks: int | None = None) -> DRMCh
     return DRMCheckpoint(fmt, tensors, blocks or default_blocks, metadata)
 
 
-def save_full(drm: torch.nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write a DRM as a `full` checkpoint, atomically (temporary file, then rename)."""
-    state = {k: v for k, v in drm.backbone.state_dict().items()
-             if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= drm.blocks)}
-    state.update({HEAD_PREFIX + k: v for k, v in drm.reward_output.state_dict().items()})
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+def _metadata(drm, fmt: str, extra: dict[str, str] | None) -> dict[str, str]:
     meta = {
-        FORMAT_KEY: "full",
+        FORMAT_KEY: fmt,
         "drm.architecture": "sd3-mmdit",
         "drm.depth": str(drm.backbone.depth),
         "drm.blocks": str(drm.blocks),
         "drm.head": "convgn",
     }
-    meta.update(metadata or {})
+    meta.update(extra or {})
+    return meta
+
+
+def _own_parts(drm) -> dict[str, torch.Tensor]:
+    """Final layer and head tensors, under their file names."""
+    state = {"final_layer." + k: v for k, v in drm.final_layer.state_dict().items()}
+    state.update({HEAD_PREFIX + k: v for k, v in drm.reward_output.state_dict().items()})
+    return state
+
+
+def save_full(drm, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a DRM as a `full` checkpoint (a LoRA, if any, merged into the kept blocks), atomically."""
+    state = {k: v for k, v in drm.backbone.state_dict().items()
+             if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= drm.blocks)
+             and not k.startswith("final_layer.")}  # a shared generator backbone has its own final layer
+    if drm.lora is not None:
+        for i, module_path in enumerate(drm.lora.paths):
+            key = module_path + ".weight"
+            state[key] = (state[key].float() + drm.lora.merged_delta(i).detach().cpu().float()).to(state[key].dtype)
+    state.update(_own_parts(drm))
+    atomic_save({k: v.detach().contiguous().cpu() for k, v in state.items()}, path, _metadata(drm, "full", metadata))
+
+
+def save_adapter(drm, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a DRM as an `adapter` checkpoint: LoRA (if any) + final layer + head, for the generator's MMDiT."""
+    state = drm.lora.state_dict_comfy() if drm.lora is not None else {}
+    state.update({k: v.detach().contiguous().cpu() for k, v in _own_parts(drm).items()})
+    meta = _metadata(drm, "adapter", metadata)
+    if drm.lora is not None:
+        meta.update({"drm.lora_rank": str(drm.lora.rank), "drm.lora_alpha": str(drm.lora.alpha)})
     atomic_save(state, path, meta)
 
 

@@ -7,6 +7,8 @@ head turns that map into one score per sample.
 
 from __future__ import annotations
 
+import contextlib
+
 import comfy.model_detection
 import comfy.ops
 import torch
@@ -15,22 +17,33 @@ from torch import nn
 
 from .checkpoint import HEAD_PREFIX, count_blocks
 from .head import ConvGNHead
+from .lora import PREFIX as LORA_PREFIX
+from .lora import LoRA
 
 
 class DRM(nn.Module):
-    """Reward model over any MMDiT backbone.
+    """Reward model: the first `blocks` joint blocks of an MMDiT, a final layer, and a scalar head.
 
-    The backbone may hold more joint blocks than `blocks` (an adapter DRM shares the generator's
-    full MMDiT); only the first `blocks` run.
+    `backbone` is either this DRM's own truncated MMDiT (full format) or, with `shared_backbone=True`,
+    the generator's MMDiT: then it is not registered as a submodule (the generator's ModelPatcher
+    owns and moves those weights) and `lora`, if given, adapts it only while the DRM runs.
     """
 
-    def __init__(self, backbone: MMDiT, blocks: int, head: ConvGNHead):
+    def __init__(self, backbone: MMDiT, blocks: int, final_layer: nn.Module, head: ConvGNHead,
+                 lora: LoRA | None = None, shared_backbone: bool = False):
         super().__init__()
         if not 1 <= blocks <= len(backbone.joint_blocks):
             raise ValueError(f"blocks={blocks}: expected 1..{len(backbone.joint_blocks)} (joint blocks in the backbone).")
-        self.backbone = backbone
+        if shared_backbone:
+            object.__setattr__(self, "backbone", backbone)
+        else:
+            self.backbone = backbone
+        self.shared_backbone = shared_backbone
         self.blocks = blocks
+        self.final_layer = final_layer
         self.reward_output = head
+        self.lora = lora
+        self.checkpointing = False  # activation checkpointing of the joint blocks, for training
 
     @property
     def in_channels(self) -> int:
@@ -55,6 +68,10 @@ class DRM(nn.Module):
     def features(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
         """The truncated MMDiT's output map, [B, out_channels, H, W]."""
+        with self.lora.applied(self.backbone) if self.lora is not None else contextlib.nullcontext():
+            return self._features(x, timesteps, context, y)
+
+    def _features(self, x, timesteps, context, y):
         m = self.backbone
         hw = x.shape[-2:]
         h = m.x_embedder(x) + comfy.ops.cast_to_input(m.cropped_pos_embed(hw, device=x.device), x)
@@ -63,9 +80,9 @@ class DRM(nn.Module):
             c = c + m.y_embedder(y)
         context = m.context_embedder(context)
         for block in m.joint_blocks[: self.blocks]:
-            # JointBlock defaults to activation checkpointing; follow the backbone's setting instead.
-            context, h = block(context, h, c=c, use_checkpoint=m.use_checkpoint, transformer_options={})
-        h = m.final_layer(h, c)
+            # JointBlock checkpoints activations unless told otherwise.
+            context, h = block(context, h, c=c, use_checkpoint=self.checkpointing, transformer_options={})
+        h = self.final_layer(h, c)
         return m.unpatchify(h, hw=hw)[:, :, : hw[-2], : hw[-1]]
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
@@ -100,18 +117,28 @@ def build_drm(state_dict: dict[str, torch.Tensor], blocks: int, dtype: torch.dty
     backbone_sd = {k: v for k, v in backbone_sd.items()
                    if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= blocks)}
 
-    # A truncated backbone's last kept block is a full block, not SD3's context-pre-only last block,
-    # so MMDiT gets final_layer=False (no pre-only block) and the final layer is attached here.
+    final_sd = {k[len("final_layer."):]: v for k, v in backbone_sd.items() if k.startswith("final_layer.")}
+    backbone_sd = {k: v for k, v in backbone_sd.items() if not k.startswith("final_layer.")}
+
+    # SD3's last block is context-pre-only (MMDiT builds it so when final_layer=True); a truncated
+    # backbone's last kept block is a full block. The final layer itself lives on the DRM.
     keeps_all = blocks == config["depth"]
     backbone = MMDiT(**config, num_blocks=blocks, final_layer=keeps_all, dtype=dtype, device=device,
                      operations=operations)
-    if not keeps_all:
-        backbone.final_layer = FinalLayer(backbone.hidden_size, backbone.patch_size, backbone.out_channels,
-                                          dtype=dtype, device=device, operations=operations)
+    if keeps_all:
+        del backbone.final_layer
+    final_layer = new_final_layer(backbone, dtype=dtype, device=device, operations=operations)
     head = ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=dtype, device=device)
     _load_strict(backbone, backbone_sd, "backbone")
+    _load_strict(final_layer, final_sd, "final layer")
     _load_strict(head, head_sd, "head (reward_output.*)")
-    return DRM(backbone, blocks, head)
+    return DRM(backbone, blocks, final_layer, head)
+
+
+def new_final_layer(backbone: MMDiT, dtype=None, device=None, operations=None) -> FinalLayer:
+    """A final layer (adaLN norm + linear to patch pixels) shaped for this backbone."""
+    return FinalLayer(backbone.hidden_size, backbone.patch_size, backbone.out_channels, dtype=dtype, device=device,
+                      operations=operations or comfy.ops.disable_weight_init)
 
 
 def _load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
@@ -121,3 +148,29 @@ def _load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: s
         raise ValueError(f"{what} weights do not fit: {str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise ValueError(f"{what} keys do not match: missing {sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}")
+
+
+def build_adapter_drm(state_dict: dict[str, torch.Tensor], blocks: int, backbone: MMDiT, dtype=None, device=None,
+                      operations=None) -> DRM:
+    """An `adapter` DRM on a generator's MMDiT: LoRA (optional) + own final layer + head; base weights shared."""
+    operations = operations or comfy.ops.disable_weight_init
+    if not 1 <= blocks <= len(backbone.joint_blocks):
+        raise ValueError(f"the adapter keeps {blocks} blocks but the MODEL's MMDiT has {len(backbone.joint_blocks)}")
+    lora_sd = {k: v for k, v in state_dict.items() if k.startswith(LORA_PREFIX)}
+    lora = LoRA.from_state_dict_comfy(lora_sd) if lora_sd else None
+    if lora is not None:
+        for path, up, down in zip(lora.paths, lora.up, lora.down):
+            try:
+                weight = backbone.get_submodule(path).weight
+            except AttributeError:
+                raise ValueError(f"the adapter's LoRA targets {path}, which the MODEL does not have") from None
+            if tuple(weight.shape) != (up.shape[0], down.shape[1]):
+                raise ValueError(f"the adapter's LoRA for {path} is {up.shape[0]}x{down.shape[1]} but the MODEL's "
+                                 f"layer is {tuple(weight.shape)}: the DRM was trained on another base model")
+    final_layer = new_final_layer(backbone, dtype=dtype, device=device, operations=operations)
+    head = ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=dtype, device=device)
+    _load_strict(final_layer, {k[len("final_layer."):]: v for k, v in state_dict.items()
+                               if k.startswith("final_layer.")}, "final layer")
+    _load_strict(head, {k[len(HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)},
+                 "head (reward_output.*)")
+    return DRM(backbone, blocks, final_layer, head, lora=lora, shared_backbone=True)

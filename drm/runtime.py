@@ -20,7 +20,7 @@ import comfy.samplers
 import torch
 
 from .checkpoint import DRMCheckpointError, load_checkpoint
-from .model import DRM, build_drm
+from .model import DRM, build_adapter_drm, build_drm
 
 SD3_SHIFT = 3.0
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,11 +36,13 @@ class LoadedDRM:
     """A DRM ready to score, wrapped in a ModelPatcher so ComfyUI can load and offload it."""
 
     def __init__(self, drm: DRM, name: str = "drm", metadata: dict[str, str] | None = None,
-                 load_device=None, offload_device=None):
+                 load_device=None, offload_device=None, base_model=None, dtype: torch.dtype | None = None):
+        """`base_model`: the generator's ModelPatcher, for a DRM that shares its MMDiT (adapter format)."""
         self.model = drm.eval()
         self.name = name
         self.metadata = dict(metadata or {})
-        self.dtype = next(drm.parameters()).dtype
+        self.dtype = dtype or next(drm.final_layer.parameters()).dtype
+        self.base_model = base_model
         load_device = load_device or comfy.model_management.get_torch_device()
         offload_device = offload_device or comfy.model_management.unet_offload_device()
         self.patcher = comfy.model_patcher.ModelPatcher(drm, load_device=load_device, offload_device=offload_device)
@@ -98,7 +100,7 @@ class LoadedDRM:
     def score(self, x: torch.Tensor, sigma: torch.Tensor | float, context: torch.Tensor,
               pooled: torch.Tensor) -> torch.Tensor:
         """Scores [B] (float32, on x's device) of model-space latents x at noise level sigma."""
-        comfy.model_management.load_models_gpu([self.patcher])
+        comfy.model_management.load_models_gpu([self.patcher] + self._base_to_load())
         device = self.patcher.load_device
         sigma = torch.as_tensor(sigma, dtype=torch.float32).flatten().expand(x.shape[0])
         timesteps = self.model_sampling.timestep(sigma)
@@ -106,6 +108,20 @@ class LoadedDRM:
             scores = self.model(x.to(device, self.dtype), timesteps.to(device, self.dtype),
                                 context.to(device, self.dtype), pooled.to(device, self.dtype))
         return scores.float().to(x.device)
+
+    def _base_to_load(self) -> list:
+        """The generator's patcher, unless some clone of it already holds the weights on the device.
+
+        During sampling the sampling MODEL (possibly a LoRA'd clone of `base_model`) is loaded; loading
+        `base_model` then would unpatch that clone's weights under the running sampler.
+        """
+        if self.base_model is None:
+            return []
+        shared = self.base_model.model
+        if any(loaded.model is not None and loaded.model.model is shared
+               for loaded in comfy.model_management.current_loaded_models):
+            return []
+        return [self.base_model]
 
     def score_latents(self, samples: torch.Tensor, sigma: float, conditioning, chunk: int = 8,
                       progress=None) -> torch.Tensor:
@@ -148,9 +164,7 @@ def load_drm(path: str | os.PathLike, weight_dtype: torch.dtype | None = None, b
     ckpt = load_checkpoint(path, blocks=blocks)
     name = Path(path).name
     if ckpt.format == "adapter":
-        raise DRMCheckpointError(f"DRM file {name} is an adapter-format DRM, which this version cannot load yet "
-                                 f"({'a MODEL is connected' if base_model is not None else 'no MODEL connected'}); "
-                                 "use a full or official DRM.")
+        return _load_adapter(ckpt, name, weight_dtype, base_model)
     load_device = comfy.model_management.get_torch_device()
     params = sum(t.numel() for t in ckpt.state_dict.values())
     dtype = weight_dtype or comfy.model_management.unet_dtype(
@@ -162,3 +176,24 @@ def load_drm(path: str | os.PathLike, weight_dtype: torch.dtype | None = None, b
     except ValueError as e:
         raise DRMCheckpointError(f"DRM file {name}: {e}") from None
     return LoadedDRM(drm, name=name, metadata=ckpt.metadata, load_device=load_device)
+
+
+def _load_adapter(ckpt, name: str, weight_dtype: torch.dtype | None, base_model) -> LoadedDRM:
+    """An adapter DRM: its own small parts, on the generator MODEL's MMDiT (weights shared, not copied)."""
+    if base_model is None:
+        raise DRMCheckpointError(f"DRM file {name} is an adapter DRM: it runs on the generator's weights. Connect "
+                                 "the base MODEL (the one it was trained on) to DRM Loader's model input.")
+    backbone = getattr(base_model.model, "diffusion_model", None)
+    if backbone is None or not hasattr(backbone, "joint_blocks"):
+        raise DRMCheckpointError(f"DRM file {name} is an adapter for an SD3-family MMDiT; the connected MODEL is "
+                                 f"{type(base_model.model).__name__}.")
+    compute_dtype = base_model.model.manual_cast_dtype or base_model.model.get_dtype()
+    dtype = weight_dtype or compute_dtype
+    try:
+        drm = build_adapter_drm(ckpt.state_dict, ckpt.blocks, backbone, dtype=dtype,
+                                device=comfy.model_management.unet_offload_device(),
+                                operations=comfy.ops.pick_operations(dtype, compute_dtype))
+    except ValueError as e:
+        raise DRMCheckpointError(f"DRM file {name}: {e}") from None
+    return LoadedDRM(drm, name=name, metadata=ckpt.metadata, load_device=base_model.load_device,
+                     base_model=base_model, dtype=compute_dtype)
