@@ -1,0 +1,478 @@
+"""Preference pairs for DRM training: reading HPDv3-style files, encoding them once, caching the result.
+
+Input (`load_pairs`): JSON (a list of objects) or JSONL (one object per line), each
+`{"prompt": str, "path1": preferred image, "path2": other image, "confidence": optional float}`.
+Image paths are relative to the pairs file's folder; absolute paths are allowed.
+
+Output (`encode_pairs`, `EncodedPairs.save` / `EncodedPairs.load`): one safetensors file with
+
+    preferred     float [N, 16, h, w]   VAE-space latents of the preferred images (vae.encode output,
+                                        NOT latent_format.process_in'd; the trainer applies that)
+    rejected      float [N, 16, h, w]   the same for the other image of each pair
+    context       float [P, T, 4096]    prompt conditioning (SD3: CLIP-L/G + T5 tokens), one row per
+                                        distinct prompt, right-padded with zeros to the longest T
+    pooled        float [P, 2048]       pooled CLIP-L+G text embedding, one row per distinct prompt
+    prompt_index  int   [N]             row of context/pooled for each pair
+    metadata "prompts"  JSON list of the P prompt strings (optional; used in logs and reports)
+
+Users who encode elsewhere can write this layout themselves (safetensors.torch.save_file) and pass
+the file to `EncodedPairs.load`; any float dtype and any integer dtype for prompt_index is accepted,
+and everything is converted to float32 / int64 on load.
+
+Contexts of different lengths are right-padded with zero tokens into one [P, T, C] tensor. SD3's
+conditioning has the same T for every prompt in the usual case (77 CLIP tokens + the T5 tokens), so
+padding is rare; when it happens it is logged once.
+
+Cache (`cache_dir`): one safetensors file per image latent and per prompt, written atomically, so a
+second run, or a run after an interruption, encodes only what is new:
+
+    cache_dir/latents/<k[:2]>/<k>.safetensors   "latent" [16, h, w];
+        k = sha256 of (absolute image path, file size, mtime in ns, resolution, vae_id)
+    cache_dir/prompts/<k[:2]>/<k>.safetensors   "context" [T, C], "pooled" [D];
+        k = sha256 of (prompt text, text_encoder_id)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from drm.checkpoint import DRMCheckpointError, atomic_save, read_safetensors
+
+log = logging.getLogger(__name__)
+
+PromptEncoder = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+BAD_IMAGE_POLICIES = ("stop", "skip")
+TENSOR_KEYS = ("preferred", "rejected", "context", "pooled", "prompt_index")
+
+
+class DatasetError(ValueError):
+    """A preference dataset that cannot be used; the message names the file (and line) and what to do."""
+
+
+class UnreadableImage(DatasetError):
+    """An image file that is missing or cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One preference pair as read from the pairs file."""
+
+    prompt: str
+    preferred: Path
+    rejected: Path
+    confidence: float | None
+    line: int
+    source: Path  # the pairs file, for error messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading pairs files
+
+
+def load_pairs(path: str | os.PathLike, min_confidence: float = 0.0) -> list[PairRecord]:
+    """Read a JSON or JSONL pairs file; keep pairs whose confidence is >= min_confidence (or absent)."""
+    path = Path(path).absolute()
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"pairs file {path} cannot be read ({e}). Expected a JSON or JSONL file of "
+                           'objects {"prompt", "path1" (preferred image), "path2" (other image)}.') from None
+    objects = _json_list_items(text, path) if text.lstrip().startswith("[") else _jsonl_items(text, path)
+    records = [_to_record(obj, line, path) for line, obj in objects]
+    if not records:
+        raise DatasetError(f"pairs file {path} holds no pairs. Expected JSON or JSONL objects "
+                           '{"prompt", "path1" (preferred image), "path2" (other image)}.')
+    kept = [r for r in records if r.confidence is None or r.confidence >= min_confidence]
+    if not kept:
+        raise DatasetError(
+            f"pairs file {path}: read {len(records)} pairs, and min_confidence={min_confidence} removed all "
+            f"{len(records)} of them (the highest confidence is {max(r.confidence for r in records):g}). "
+            "Lower min_confidence, or check the file's confidence values.")
+    return kept
+
+
+def _jsonl_items(text: str, path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed object) for each non-blank line."""
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"pairs file {path}, line {number}: malformed JSON ({e.msg} at column {e.colno}). "
+                               "A JSONL file holds one JSON object per line.") from None
+    return items
+
+
+def _json_list_items(text: str, path: Path) -> list[tuple[int, object]]:
+    """(line where the element starts, parsed element) for each element of a top-level JSON list.
+
+    Elements are decoded one at a time so that errors can name the line of the offending pair.
+    """
+    decoder = json.JSONDecoder()
+
+    def fail(message: str, at: int) -> DatasetError:
+        return DatasetError(f"pairs file {path}, line {text.count(chr(10), 0, at) + 1}: malformed JSON ({message}).")
+
+    def skip_space(at: int) -> int:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        return at
+
+    items = []
+    at = skip_space(text.index("[") + 1)
+    if at < len(text) and text[at] == "]":
+        return items
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as e:
+            raise fail(e.msg, e.pos) from None
+        items.append((text.count("\n", 0, at) + 1, obj))
+        at = skip_space(end)
+        if at < len(text) and text[at] == ",":
+            at = skip_space(at + 1)
+        elif at < len(text) and text[at] == "]":
+            if text[at + 1:].strip():
+                raise fail("extra data after the closing ]", skip_space(at + 1))
+            return items
+        else:
+            raise fail("expected , or ] after a pair", at)
+
+
+def _to_record(obj: object, line: int, path: Path) -> PairRecord:
+    where = f"pairs file {path}, line {line}"
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
+    missing = [k for k in ("prompt", "path1", "path2") if k not in obj]
+    if missing:
+        raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}. Each pair needs "
+                           '"prompt", "path1" (preferred image) and "path2" (other image).')
+    for key in ("prompt", "path1", "path2"):
+        if not isinstance(obj[key], str):
+            raise DatasetError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}.")
+    for key in ("path1", "path2"):
+        if not obj[key].strip():
+            raise DatasetError(f"{where}: {key!r} is empty; it must name an image file.")
+    confidence = obj.get("confidence")
+    if confidence is not None:
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not math.isfinite(confidence):
+            raise DatasetError(f"{where}: 'confidence' must be a finite number or absent, got {confidence!r}.")
+        confidence = float(confidence)
+    return PairRecord(prompt=obj["prompt"], preferred=path.parent / obj["path1"], rejected=path.parent / obj["path2"],
+                      confidence=confidence, line=line, source=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def check_resolution(resolution: int) -> None:
+    """Raise ValueError unless `resolution` is a positive multiple of 16 (VAE /8, then MMDiT patch 2)."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % 16:
+        raise ValueError(f"resolution must be a positive multiple of 16 (the VAE downsamples by 8 and the "
+                         f"MMDiT patches 2x2 latents), got {resolution!r}. SD3.5-Medium is trained at 512 or 1024.")
+
+
+def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
+    """An image as float [resolution, resolution, 3] in [0, 1]: shorter side resized, then center-cropped."""
+    check_resolution(resolution)
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except FileNotFoundError:
+        raise UnreadableImage(f"image {path} does not exist") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"image {path} cannot be decoded ({e})") from None
+    width, height = image.size
+    scale = resolution / min(width, height)
+    # max(): rounding must never make the longer side shorter than the crop
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoded pairs
+
+
+@dataclass(eq=False)
+class EncodedPairs:
+    """Preference pairs as VAE-space latents plus per-prompt conditioning (layout in the module docstring)."""
+
+    preferred: torch.Tensor
+    rejected: torch.Tensor
+    context: torch.Tensor
+    pooled: torch.Tensor
+    prompt_index: torch.Tensor
+    prompts: list[str]
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        p, r, c, pooled, idx = self.preferred, self.rejected, self.context, self.pooled, self.prompt_index
+        if p.ndim != 4 or r.shape != p.shape:
+            raise DatasetError(f"preferred and rejected must both be latents [N, C, h, w]; got "
+                               f"{list(p.shape)} and {list(r.shape)}.")
+        if c.ndim != 3 or pooled.ndim != 2 or pooled.shape[0] != c.shape[0]:
+            raise DatasetError(f"context must be [P, T, C] and pooled [P, D] with the same P; got "
+                               f"{list(c.shape)} and {list(pooled.shape)}.")
+        if len(self.prompts) != c.shape[0]:
+            raise DatasetError(f"{len(self.prompts)} prompt strings for {c.shape[0]} context rows.")
+        if idx.ndim != 1 or len(idx) != len(p) or idx.dtype != torch.long:
+            raise DatasetError(f"prompt_index must be int64 [N] with N = {len(p)} pairs; got "
+                               f"{idx.dtype} {list(idx.shape)}.")
+        if len(idx) and (idx.min() < 0 or idx.max() >= c.shape[0]):
+            raise DatasetError(f"prompt_index holds values outside 0..{c.shape[0] - 1} (the context rows).")
+
+    def __len__(self) -> int:
+        return len(self.preferred)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file atomically (temporary file, then rename)."""
+        tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in TENSOR_KEYS}
+        atomic_save(tensors, path, {"drm.data": "encoded-pairs", "prompts": json.dumps(self.prompts),
+                                    "skipped": str(self.skipped)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EncodedPairs:
+        """Read a file written by `save`, or by hand in the documented layout; clear errors otherwise."""
+        path = Path(path)
+        how = "Write it with EncodedPairs.save, or in the layout described in trainer/data.py."
+        if not path.is_file():
+            raise DatasetError(f"encoded pairs file {path} does not exist. {how}")
+        try:
+            tensors, metadata = read_safetensors(path)
+        except DRMCheckpointError:
+            raise DatasetError(f"encoded pairs file {path} is not a readable safetensors file (it may be truncated, "
+                               f"or a PyTorch pickle, which is never loaded). {how}") from None
+        missing = [k for k in TENSOR_KEYS if k not in tensors]
+        if missing:
+            raise DatasetError(f"encoded pairs file {path} lacks tensor(s) {', '.join(missing)} (it holds "
+                               f"{', '.join(sorted(tensors)[:6])}). {how}")
+        for name in TENSOR_KEYS:
+            dtype = tensors[name].dtype
+            if name == "prompt_index" and (dtype.is_floating_point or dtype == torch.bool):
+                raise DatasetError(f"encoded pairs file {path}: prompt_index has dtype {dtype}; expected integers. {how}")
+            if name != "prompt_index" and not dtype.is_floating_point:
+                raise DatasetError(f"encoded pairs file {path}: {name} has dtype {dtype}; expected floats. {how}")
+        count = tensors["context"].shape[0] if tensors["context"].ndim else 0
+        try:
+            prompts = json.loads(metadata["prompts"]) if "prompts" in metadata else [""] * count
+            skipped = int(metadata.get("skipped", 0))
+        except (json.JSONDecodeError, ValueError):
+            raise DatasetError(f"encoded pairs file {path}: metadata 'prompts' must be a JSON list of strings and "
+                               f"'skipped' an integer. {how}") from None
+        if not isinstance(prompts, list) or not all(isinstance(s, str) for s in prompts):
+            raise DatasetError(f"encoded pairs file {path}: metadata 'prompts' must be a JSON list of strings. {how}")
+        try:
+            pairs = cls(**{name: tensors[name].float() for name in TENSOR_KEYS[:4]},
+                        prompt_index=tensors["prompt_index"].long(), prompts=prompts, skipped=skipped)
+        except DatasetError as e:
+            raise DatasetError(f"encoded pairs file {path}: {e} {how}") from None
+        if not len(pairs):
+            raise DatasetError(f"encoded pairs file {path} holds no pairs. {how}")
+        # checked here, not on every construction: subsets of a checked set need no second pass
+        for name in TENSOR_KEYS[:4]:
+            if not torch.isfinite(getattr(pairs, name)).all():
+                raise DatasetError(f"encoded pairs file {path}: {name} holds NaN or infinite values. {how}")
+        return pairs
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> EncodedPairs:
+        """The pairs at `indices`, sharing this object's prompt conditioning."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return EncodedPairs(self.preferred[indices], self.rejected[indices], self.context, self.pooled,
+                            self.prompt_index[indices], self.prompts, self.skipped)
+
+    def split(self, holdout_fraction: float, seed: int = 0) -> tuple[EncodedPairs, EncodedPairs]:
+        """(train, held-out): a seeded random split of the pairs; each pair lands in exactly one part."""
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}.")
+        held = round(len(self) * holdout_fraction)
+        if held == len(self):
+            raise ValueError(f"holdout_fraction={holdout_fraction} of {len(self)} pairs leaves none for training.")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        # sorted: both parts keep the file's order, which makes them easy to inspect
+        return self.subset(order[held:].sort().values), self.subset(order[:held].sort().values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding through ComfyUI
+
+
+def clip_prompt_encoder(clip) -> PromptEncoder:
+    """A prompt encoder from a ComfyUI CLIP object: prompt -> (context [1, T, C], pooled [1, D])."""
+
+    def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = clip.tokenize(prompt)
+        context, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        return context, pooled
+
+    return encode
+
+
+def _cache_file(cache_dir: Path | None, kind: str, *identity: object) -> Path | None:
+    if cache_dir is None:
+        return None
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+    return cache_dir / kind / key[:2] / f"{key}.safetensors"
+
+
+def _read_cache(file: Path | None, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """The cached tensors, or None when absent or unreadable (then the entry is simply encoded again)."""
+    if file is None or not file.is_file():
+        return None
+    try:
+        tensors, _ = read_safetensors(file)
+    except DRMCheckpointError:
+        log.warning("cache file %s is unreadable; encoding it again", file)
+        return None
+    return tensors if all(n in tensors for n in names) else None
+
+
+def encode_pairs(
+    records: Sequence[PairRecord],
+    vae,
+    encode_prompt: PromptEncoder,
+    resolution: int,
+    cache_dir: str | os.PathLike | None,
+    *,
+    vae_id: str,
+    text_encoder_id: str,
+    on_bad_image: str = "stop",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> EncodedPairs:
+    """Encode every pair's images with `vae` (a comfy.sd.VAE) and every prompt with `encode_prompt`.
+
+    `vae_id` and `text_encoder_id` name the models in the cache keys: change them when the model
+    changes, or stale latents are reused. `cache_dir=None` disables the cache. With
+    on_bad_image="stop" a missing or unreadable image raises DatasetError; with "skip" every pair
+    using it is dropped with one warning each, and counted in the result's `skipped`.
+    """
+    check_resolution(resolution)
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if not records:
+        raise DatasetError("no pairs to encode.")
+    cache = Path(cache_dir) if cache_dir is not None else None
+
+    latents, bad = _encode_images(records, vae, resolution, cache, vae_id, on_bad_image, batch_size, progress)
+    kept = []
+    for record in records:
+        reason = bad.get(record.preferred) or bad.get(record.rejected)
+        if reason:
+            log.warning("skipping the pair at %s line %d: %s", record.source, record.line, reason)
+        else:
+            kept.append(record)
+    if not kept:
+        raise DatasetError(f"all {len(records)} pairs were skipped because their images cannot be read; "
+                           "check the image paths (relative paths start at the pairs file's folder).")
+
+    prompts = list(dict.fromkeys(r.prompt for r in kept))
+    context, pooled = _encode_prompts(prompts, encode_prompt, cache, text_encoder_id, progress)
+    row = {prompt: i for i, prompt in enumerate(prompts)}
+    return EncodedPairs(
+        preferred=torch.stack([latents[r.preferred] for r in kept]),
+        rejected=torch.stack([latents[r.rejected] for r in kept]),
+        context=context, pooled=pooled,
+        prompt_index=torch.tensor([row[r.prompt] for r in kept], dtype=torch.long),
+        prompts=prompts, skipped=len(records) - len(kept))
+
+
+def _encode_images(records: Sequence[PairRecord], vae, resolution: int, cache: Path | None, vae_id: str,
+                   on_bad_image: str, batch_size: int, progress: bool,
+                   ) -> tuple[dict[Path, torch.Tensor], dict[Path, str]]:
+    """({image path: latent [C, h, w]}, {bad image path: reason}); each distinct image is encoded once."""
+    first_use: dict[Path, PairRecord] = {}  # for error messages
+    for record in records:
+        first_use.setdefault(record.preferred, record)
+        first_use.setdefault(record.rejected, record)
+    latents: dict[Path, torch.Tensor] = {}
+    bad: dict[Path, str] = {}
+    pending: list[tuple[Path, Path | None, torch.Tensor]] = []  # (image, cache file, pixels)
+
+    def flush() -> None:
+        out = vae.encode(torch.stack([pixels for _, _, pixels in pending])).float().cpu()
+        if out.ndim != 4 or len(out) != len(pending):
+            raise RuntimeError(f"vae.encode returned {list(out.shape)} for {len(pending)} images; expected [B, C, h, w].")
+        if not torch.isfinite(out).all():
+            # a known failure of SD VAEs in float16; nothing of this batch is cached
+            raise RuntimeError(f"the VAE returned NaN or infinite latents for {', '.join(str(i) for i, _, _ in pending)}. "
+                               "Run the VAE in float32 (ComfyUI's --fp32-vae).")
+        for (image, file, _), latent in zip(pending, out):
+            latents[image] = latent.clone()  # not a view: the batch's storage is not kept alive
+            if file is not None:
+                atomic_save({"latent": latents[image]}, file, {"image": str(image), "vae_id": vae_id})
+        pending.clear()
+
+    for image in tqdm(first_use, desc="encoding images", unit="image", disable=not progress):
+        try:
+            stat = image.stat()
+            file = _cache_file(cache, "latents", str(image.absolute()), stat.st_size, stat.st_mtime_ns, resolution, vae_id)
+            cached = _read_cache(file, ("latent",))
+            if cached is not None:
+                latents[image] = cached["latent"].float()
+                continue
+            pending.append((image, file, load_image(image, resolution)))
+        except (OSError, UnreadableImage) as e:
+            reason = str(e) if isinstance(e, UnreadableImage) else f"image {image} cannot be read ({e.strerror})"
+            if on_bad_image == "stop":
+                record = first_use[image]
+                raise DatasetError(f"{reason}; it is used by the pair at {record.source} line {record.line}. "
+                                   "Fix the image or that line, or pass on_bad_image='skip' to drop pairs with bad images.") from None
+            bad[image] = reason
+            continue
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return latents, bad
+
+
+def _encode_prompts(prompts: list[str], encode_prompt: PromptEncoder, cache: Path | None, text_encoder_id: str,
+                    progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context [P, T, C] zero-padded to the longest T, pooled [P, D]) for the distinct prompts."""
+    contexts, pooleds = [], []
+    for prompt in tqdm(prompts, desc="encoding prompts", unit="prompt", disable=not progress):
+        file = _cache_file(cache, "prompts", prompt, text_encoder_id)
+        cached = _read_cache(file, ("context", "pooled"))
+        if cached is None:
+            context, pooled = encode_prompt(prompt)
+            if context.ndim != 3 or context.shape[0] != 1 or pooled.ndim != 2 or pooled.shape[0] != 1:
+                raise RuntimeError(f"the prompt encoder returned context {list(context.shape)} and pooled "
+                                   f"{list(pooled.shape)} for {prompt!r}; expected [1, T, C] and [1, D].")
+            if not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
+                raise RuntimeError(f"the prompt encoder returned NaN or infinite values for {prompt!r}.")
+            cached = {"context": context[0].float().cpu().contiguous(), "pooled": pooled[0].float().cpu().contiguous()}
+            if file is not None:
+                atomic_save(cached, file, {"prompt": prompt, "text_encoder_id": text_encoder_id})
+        contexts.append(cached["context"].float())
+        pooleds.append(cached["pooled"].float())
+    if len({c.shape[1] for c in contexts}) > 1 or len({p.shape[0] for p in pooleds}) > 1:
+        raise RuntimeError("the prompt encoder returned different embedding widths for different prompts.")
+    longest = max(c.shape[0] for c in contexts)
+    if any(c.shape[0] != longest for c in contexts):
+        log.info("prompt contexts have %s tokens; right-padding with zeros to %d",
+                 sorted({c.shape[0] for c in contexts}), longest)
+    context = torch.zeros(len(contexts), longest, contexts[0].shape[1])
+    for i, c in enumerate(contexts):
+        context[i, :c.shape[0]] = c
+    return context, torch.stack(pooleds)

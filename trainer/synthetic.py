@@ -1,0 +1,137 @@
+"""Synthetic preference data with a hidden rule, and a tiny random-weight VAE, for tests and the demo.
+
+The image rule: in every pair the preferred image is warmer, its mean red minus mean blue (`warmth`)
+is higher by at least `WARMTH_MARGIN`. Both images are independent smooth random textures with
+random brightness, so warmth is not the only difference, but it is the only one that decides.
+
+The latent rule (`synthetic_latent_pairs`, no VAE): the preferred latent has the higher mean of
+channel 0 over its top half (`latent_rule_score`), by at least `LATENT_MARGIN`.
+
+Nothing here imports ComfyUI at module level; `tiny_vae` imports it when called.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data import EncodedPairs
+
+PROMPTS = ("a red fox", "a blue lake", "a green forest", "an orange sunset")
+WARMTH_MARGIN = 0.1  # in [0, 1] pixel units: about 25 of 255 levels
+LATENT_MARGIN = 0.5
+# SD3's latent format: process_in(x) = (x - SHIFT) * SCALE
+SD3_SHIFT, SD3_SCALE = 0.0609, 1.5305
+CONTEXT_DIM, POOLED_DIM = 4096, 2048  # SD3 conditioning widths (as drm.tiny, which imports comfy)
+
+
+def warmth(image: torch.Tensor) -> float:
+    """Mean red minus mean blue of an image [H, W, 3] in [0, 1]: the hidden rule's score."""
+    return float(image[..., 0].mean() - image[..., 2].mean())
+
+
+def _smooth(gen: torch.Generator, channels: int, resolution: int, grid: int = 5) -> torch.Tensor:
+    """Smooth random blobs in (-1, 1): a coarse random grid upsampled bicubically, squashed by tanh."""
+    coarse = torch.randn(1, channels, grid, grid, generator=gen)
+    return torch.tanh(F.interpolate(coarse, size=(resolution, resolution), mode="bicubic", align_corners=False))[0]
+
+
+def _texture(gen: torch.Generator, resolution: int, target_warmth: float) -> torch.Tensor:
+    """A random texture [H, W, 3] whose warmth is exactly `target_warmth` (before 8-bit rounding).
+
+    Ranges keep every pixel inside [0.08, 0.92] for |target_warmth| <= 0.3, so nothing clips and the
+    warmth survives saving: gray blobs (0.35..0.65), zero-mean colour blobs (within +-0.12), then red
+    raised and blue lowered by half the target each.
+    """
+    brightness = 0.5 + 0.15 * _smooth(gen, 1, resolution)
+    colour = 0.06 * _smooth(gen, 3, resolution)
+    colour = colour - colour.mean(dim=(1, 2), keepdim=True)
+    tint = torch.tensor([target_warmth / 2, 0.0, -target_warmth / 2]).view(3, 1, 1)
+    return (brightness + colour + tint).permute(1, 2, 0)
+
+
+def make_synthetic_dataset(folder: str | os.PathLike, n_pairs: int, resolution: int = 64, seed: int = 0) -> Path:
+    """Write `n_pairs` PNG pairs and `pairs.jsonl` into `folder`; return the pairs file's path.
+
+    Every third line carries a confidence in 0.3..1.0, so confidence filtering can be exercised.
+    """
+    if n_pairs < 1:
+        raise ValueError(f"n_pairs must be at least 1, got {n_pairs}.")
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    lines = []
+    for i in range(n_pairs):
+        gap, low_end = torch.rand(2, generator=gen).tolist()
+        gap = WARMTH_MARGIN + 0.15 * gap  # 0.10..0.25
+        low = -0.3 + (0.6 - gap) * low_end  # so that low + gap <= 0.3
+        names = (f"images/pair{i:05d}_a.png", f"images/pair{i:05d}_b.png")
+        for name, target in zip(names, (low + gap, low)):
+            pixels = (_texture(gen, resolution, target) * 255).round().to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / name)
+        line = {"prompt": PROMPTS[i % len(PROMPTS)], "path1": names[0], "path2": names[1]}
+        if i % 3 == 1:
+            line["confidence"] = round(0.3 + 0.7 * torch.rand(1, generator=gen).item(), 3)
+        lines.append(json.dumps(line))
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return pairs
+
+
+def latent_rule_score(latents: torch.Tensor) -> torch.Tensor:
+    """The latent rule's score of latents [B, C, h, w]: mean of channel 0 over the top half, [B]."""
+    return latents[:, 0, : latents.shape[2] // 2].mean(dim=(1, 2))
+
+
+def synthetic_latent_pairs(n: int, size: int = 8, seed: int = 0, tokens: int = 8) -> EncodedPairs:
+    """`n` pairs of VAE-space latents [16, size, size] obeying the latent rule, with random conditioning.
+
+    Latents are drawn so that process_in (SD3's latent format) makes them about unit Gaussian, as real
+    SD3 latents are. One random context [tokens, 4096] and pooled [2048] per prompt in PROMPTS.
+    """
+    if n < 1 or size < 2:
+        raise ValueError(f"need n >= 1 and size >= 2, got n={n}, size={size}.")
+    gen = torch.Generator().manual_seed(seed)
+    preferred = torch.randn(n, 16, size, size, generator=gen) / SD3_SCALE + SD3_SHIFT
+    rejected = torch.randn(n, 16, size, size, generator=gen) / SD3_SCALE + SD3_SHIFT
+    low = -1.0 + torch.rand(n, generator=gen)  # -1..0
+    gap = LATENT_MARGIN + 0.5 * torch.rand(n, generator=gen)  # 0.5..1.0
+    for latents, target in ((preferred, low + gap), (rejected, low)):
+        top = latents[:, 0, : size // 2]
+        top += (target - latent_rule_score(latents)).view(n, 1, 1)
+    prompts = list(PROMPTS[: min(n, len(PROMPTS))])
+    context = torch.randn(len(prompts), tokens, CONTEXT_DIM, generator=gen)
+    pooled = torch.randn(len(prompts), POOLED_DIM, generator=gen)
+    prompt_index = torch.arange(n) % len(prompts)
+    return EncodedPairs(preferred, rejected, context, pooled, prompt_index, prompts)
+
+
+@torch.no_grad()
+def tiny_vae(seed: int = 0):
+    """A random-weight TAESD with 16 latent channels as a comfy.sd.VAE: 64x64 images -> [B, 16, 8, 8].
+
+    About 2.5M parameters, fast on a CPU. Its latents carry the image's content (it is a conv net),
+    not SD3's meaning. Needs drm.host.import_comfy() to have run.
+    """
+    import comfy.sd
+    from comfy.taesd.taesd import TAESD
+
+    model = TAESD(latent_channels=16)
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.ndim > 1:  # comfy's disable_weight_init layers leave weights uninitialised
+            param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(math.prod(param.shape[1:])))
+    # the encoder's last conv: scale its output so latents have about SD3's spread (std ~ 1 / 1.5305)
+    model.taesd_encoder[-1].weight.mul_(4.0)
+    state = dict(model.state_dict())
+    # what ComfyUI's VAELoader sets for taesd3, SD3's latent scale and shift
+    state["vae_scale"], state["vae_shift"] = torch.tensor(SD3_SCALE), torch.tensor(SD3_SHIFT)
+    return comfy.sd.VAE(sd=state)
