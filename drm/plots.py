@@ -41,3 +41,37 @@ def reward_trace_image(trace, title: str = "DRM step-wise sampling") -> torch.Te
     image = _figure_to_image(fig)
     plt.close(fig)
     return image
+
+
+def training_curves_png(metrics_csv, path, title: str = "training") -> None:
+    """Loss and accuracy against step from a metrics CSV (columns step, loss, *acc*), as a PNG."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [int(r["step"]) for r in rows]
+    loss_ax.plot(steps, [float(r["loss"]) for r in rows])
+    loss_ax.set_xlabel("optimizer step")
+    loss_ax.set_ylabel("loss (nats)")
+    loss_ax.set_title("training loss", fontsize=10)
+    for column in [c for c in (rows[0] if rows else {}) if "acc" in c]:
+        points = [(int(r["step"]), float(r[column])) for r in rows if r[column]]
+        if points:
+            acc_ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=column)
+    acc_ax.set_xlabel("optimizer step")
+    acc_ax.set_ylabel("preference accuracy (fraction)")
+    acc_ax.set_ylim(0, 1)
+    acc_ax.legend(fontsize=7)
+    acc_ax.set_title("accuracy", fontsize=10)
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

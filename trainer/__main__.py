@@ -1,13 +1,21 @@
-"""Command line: `python -m trainer <command>`."""
+"""Command line: `python -m trainer <command> --help`.
+
+  demo   the pipeline end to end on a tiny random-weight SD3.5-architecture model
+  drm    train a DRM from preference pairs
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .config import ConfigError, add_arguments, load_config
+from .drm_train import DRMTrainConfig
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", metavar="PATH",
                         help="ComfyUI tree to use (default: $COMFYUI_PATH, then the ComfyUI holding this pack)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -15,7 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=8, help="sampling steps (default 8)")
     demo.add_argument("--batch", type=int, default=3, help="latents per prompt (default 3)")
     demo.add_argument("--seed", type=int, default=0)
+    add_arguments(commands.add_parser("drm", help="train a DRM from preference pairs"), DRMTrainConfig)
     args = parser.parse_args(argv)
+
+    try:  # configuration errors are reported before any model loads
+        config = load_config(DRMTrainConfig, args) if args.command == "drm" else None
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from drm.host import ComfyUINotFound, import_comfy
 
@@ -28,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         run_demo(steps=args.steps, batch=args.batch, seed=args.seed)
+    else:
+        from .drm_train import train_drm
+
+        try:
+            train_drm(config)
+        except ValueError as e:  # bad data or models: a clear message, nothing half-written
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

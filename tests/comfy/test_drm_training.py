@@ -1,0 +1,193 @@
+"""`python -m trainer drm` on the tiny model and synthetic preference pairs (hidden rule in the latents)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def files(comfyui, tmp_path_factory):
+    from drm.checkpoint import atomic_save
+    from drm.tiny import tiny_generator_state_dict
+    from trainer.synthetic import synthetic_latent_pairs
+
+    root = tmp_path_factory.mktemp("drm-train")
+    atomic_save(tiny_generator_state_dict(), root / "tiny-sd35.safetensors", {})
+    synthetic_latent_pairs(256, size=8, seed=0).save(root / "pairs.safetensors")
+    return root
+
+
+def cli(files, out, *extra) -> list[str]:
+    return ["drm", "--base", str(files / "tiny-sd35.safetensors"), "--data", str(files / "pairs.safetensors"),
+            "--out", str(out), "--precision", "fp32", "--batch-size", "16", "--lr", "1e-3", *extra]
+
+
+def run(argv) -> int:
+    from trainer.__main__ import main
+
+    return main(argv)
+
+
+def metrics(out: Path) -> list[dict]:
+    with (out / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(files):
+    out = files / "run"
+    assert run(cli(files, out, "--max-steps", "120", "--eval-every", "60", "--log-every", "10")) == 0
+    return out
+
+
+def test_accuracy_is_high_at_low_noise_and_falls_with_noise(trained):
+    last = metrics(trained)[-1]
+    buckets = [float(last[k]) for k in last if k.startswith("acc_sigma_")]
+    assert buckets[0] >= 0.9, last
+    assert all(later <= earlier + 0.03 for earlier, later in zip(buckets, buckets[1:])), buckets
+    assert buckets[-1] <= buckets[0] - 0.15, buckets
+
+
+def test_run_writes_drm_metrics_and_curves(trained):
+    from drm.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(trained / "drm-tiny-sd35-adapter.safetensors")
+    assert ckpt.format == "adapter" and ckpt.blocks == 1
+    assert ckpt.metadata["drm.base_model"] == "tiny-sd35" and ckpt.metadata["drm.train_steps"] == "120"
+    assert any(k.endswith(".alpha") for k in ckpt.state_dict)
+    assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["step"] for r in metrics(trained)][-1] == "120"
+
+
+def test_adapter_drm_shares_the_model_and_equals_its_merged_full_form(trained, files, tmp_path):
+    import comfy.sd
+
+    from drm.checkpoint import save_full
+    from drm.runtime import load_drm
+    from drm.tiny import tiny_conditioning
+
+    base = comfy.sd.load_diffusion_model(str(files / "tiny-sd35.safetensors"))
+    adapter = load_drm(trained / "drm-tiny-sd35-adapter.safetensors", base_model=base)
+    assert adapter.model.backbone is base.model.diffusion_model  # shared, not copied
+    backbone_params = {id(p) for p in base.model.diffusion_model.parameters()}
+    assert not any(id(p) in backbone_params for p in adapter.model.parameters())  # the DRM's patcher moves none
+
+    save_full(adapter.model, tmp_path / "merged.safetensors")
+    full = load_drm(tmp_path / "merged.safetensors", weight_dtype=torch.float32)
+    x = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    cond = tiny_conditioning(seed=0)
+    args = x, torch.tensor([0.1, 0.3, 0.6, 0.9]), *full.conditioning_tensors(cond, 4)
+    assert torch.allclose(adapter.score(*args), full.score(*args), atol=1e-5, rtol=0)
+    assert adapter.model.lora is not None and adapter.model.lora.up[0].abs().max() > 0  # the LoRA was trained
+
+
+def test_adapter_drm_without_a_model_is_refused(trained):
+    from drm.runtime import load_drm
+
+    with pytest.raises(ValueError, match="adapter DRM.*Connect the base MODEL"):
+        load_drm(trained / "drm-tiny-sd35-adapter.safetensors")
+
+
+def test_resume_continues_exactly(files):
+    whole, split = files / "whole", files / "split"
+    common = ("--log-every", "1", "--save-every", "4", "--eval-every", "100")
+    assert run(cli(files, whole, "--max-steps", "8", *common)) == 0
+    assert run(cli(files, split, "--max-steps", "4", *common)) == 0
+    assert run(cli(files, split, "--max-steps", "8", "--resume", *common)) == 0
+    losses = [(r["step"], r["loss"]) for r in metrics(whole)]
+    assert [(r["step"], r["loss"]) for r in metrics(split)] == losses
+
+
+def test_sigint_saves_a_resumable_checkpoint(files):
+    out = files / "interrupted"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *cli(files, out, "--max-steps", "100000",
+                                                                    "--log-every", "1", "--eval-every", "100000")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    assert "Interrupted at step" in output
+    step = int(output.split("Interrupted at step ")[1].split(";")[0])
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert state["step"] == step >= 1
+    assert run(cli(files, out, "--max-steps", str(step + 2), "--resume", "--log-every", "1",
+                   "--eval-every", "100000")) == 0
+    assert metrics(out)[-1]["step"] == str(step + 2)
+
+
+def test_two_processes_match_one(files):
+    """torchrun with 2 CPU (gloo) processes and the same global batch gives the same weights as 1 process."""
+    from safetensors.torch import load_file
+
+    common = ("--max-steps", "4", "--head-dropout", "0", "--eval-every", "4", "--log-every", "1")
+    one, two = files / "one-proc", files / "two-procs"
+    assert run(cli(files, one, *common)) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "-m", "trainer", *cli(files, two, *common)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    a = load_file(str(one / "checkpoint" / "trainable.safetensors"))
+    b = load_file(str(two / "checkpoint" / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    # Adam turns all-reduce rounding into at most a fraction of one learning-rate step per weight.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    assert [float(r["loss"]) for r in metrics(one)] == pytest.approx([float(r["loss"]) for r in metrics(two)], abs=1e-5)
+
+
+def test_bad_resolution_is_refused_before_loading(files, tmp_path, capsys):
+    assert run(cli(files, tmp_path / "r", "--resolution", "500")) == 2
+    assert "resolution" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_dir_with_another_run_needs_resume(trained, files, capsys):
+    before = (trained / "run.json").read_bytes()
+    assert run(cli(files, trained, "--max-steps", "5")) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert (trained / "run.json").read_bytes() == before
+
+
+def test_resume_with_other_settings_is_refused(trained, files, capsys):
+    assert run(cli(files, trained, "--max-steps", "130", "--resume", "--mode", "full")) == 2
+    assert "different settings for ['mode']" in capsys.readouterr().err
+
+
+def test_non_sd3_base_is_refused(files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, str(tmp_path / "sdxl.safetensors"))
+    argv = cli(files, tmp_path / "o", "--max-steps", "2")
+    argv[argv.index("--base") + 1] = str(tmp_path / "sdxl.safetensors")
+    assert run(argv) == 2
+    assert "not an SD3-family model" in capsys.readouterr().err
+
+
+def test_empty_dataset_after_filter_is_refused(files, tmp_path, capsys):
+    from trainer.synthetic import make_synthetic_dataset
+
+    pairs = make_synthetic_dataset(tmp_path / "data", 3, resolution=64)
+    lines = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()]
+    pairs.write_text("".join(json.dumps(dict(line, confidence=0.2)) + "\n" for line in lines))
+    argv = cli(files, tmp_path / "o", "--max-steps", "2", "--min-confidence", "0.5", "--resolution", "64")
+    argv[argv.index("--data") + 1] = str(pairs)
+    argv[argv.index("--base") + 1] = str(files / "tiny-sd35.safetensors")
+    # a bare diffusion model has no VAE: the encoders are reported missing before the data is read
+    assert run(argv) == 2
+    assert "no VAE or text encoders" in capsys.readouterr().err

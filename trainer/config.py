@@ -1,0 +1,102 @@
+"""Typed run configuration: a dataclass filled from a TOML file, then from command-line flags.
+
+Every field becomes a flag (`lora_rank` -> `--lora-rank`); its `help` metadata is the flag's help.
+Unknown TOML keys and badly typed values are refused with the field named, before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the field."""
+
+
+def field(default, help: str, **kwargs):
+    """A dataclass field with help text for --help and the docs."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _convert(name: str, kind, value):
+    """Coerce a TOML or CLI value to the field's type, or raise ConfigError naming the field."""
+    origin = typing.get_origin(kind)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(kind)[:1]
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_convert(name, item, v) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        return _convert(name, options[0], value)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """--config FILE plus one flag per field; unset flags stay None so the TOML value wins."""
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with any of the fields below")
+    kinds = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        if kinds[f.name] is bool:  # `--resume` alone means true; `--resume false` is accepted too
+            parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL",
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def load_config(cls, args: argparse.Namespace):
+    """The dataclass from args.config (TOML) overridden by the flags given on the command line."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config: file {path} does not exist")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {path} is not valid TOML ({e})") from None
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"config: unknown field(s) {unknown}; known fields: {sorted(types_)}")
+    for name in types_:
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    config = cls(**{name: _convert(name, types_[name], v) for name, v in values.items()})
+    config.validate()
+    return config
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

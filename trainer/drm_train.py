@@ -1,0 +1,378 @@
+"""`python -m trainer drm`: train a DRM from preference pairs (Bradley-Terry on noisy latents).
+
+One readable loop. Each pair shares one noise level s (logit-normal by default); each image gets its
+own noise; the DRM scores both noisy latents and the loss is -log sigmoid(r_preferred - r_rejected).
+Modes: `adapter` (LoRA on the generator's blocks + final layer + head; the file shares the base
+model's weights), `full` (the kept blocks, final layer and head), `head` (only the head).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from .config import ConfigError, field, to_dict
+
+BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+EVAL_SIGMAS_PER_BUCKET = 3
+RESUMABLE = {"max_steps", "eval_every", "save_every", "log_every", "resume"}  # may change on --resume
+
+
+@dataclass
+class DRMTrainConfig:
+    base: str = field("", "SD3/SD3.5 model: a ComfyUI checkpoint or a diffusion-model .safetensors")
+    data: str = field("", "preference pairs (.json/.jsonl: prompt, path1 preferred, path2, confidence) "
+                          "or pre-encoded pairs (.safetensors)")
+    out: str = field("runs/drm", "output directory: checkpoints, metrics.csv, curves.png, the DRM file")
+    vae: str = field("", "VAE .safetensors, when the base file has none (image data only)")
+    clip: list[str] = field([], "text encoder files (CLIP-L, CLIP-G, T5-XXL), when the base file has none")
+    resolution: int = field(512, "training resolution in pixels (multiple of 16)")
+    min_confidence: float = field(0.0, "drop pairs whose confidence is below this")
+    on_bad_image: str = field("stop", "a missing or unreadable image: stop, or skip the pair")
+    cache_dir: str = field("", "where encoded latents and prompts are cached (default: <out>/cache)")
+    mode: str = field("adapter", "adapter | full | head")
+    blocks: int = field(0, "joint blocks the DRM keeps; 0 means depth - 3 (the paper's SD3.5-M variant)")
+    lora_rank: int = field(32, "adapter mode: LoRA rank")
+    lora_alpha: float = field(32.0, "adapter mode: LoRA alpha (scale = alpha / rank)")
+    lora_mlp: bool = field(False, "adapter mode: adapt the MLPs too, not only attention")
+    timestep_sampling: str = field("logit-normal", "noise level per pair: logit-normal or uniform")
+    logit_mean: float = field(0.0, "logit-normal mean")
+    logit_std: float = field(1.0, "logit-normal std")
+    lr: float = field(1e-4, "AdamW learning rate")
+    weight_decay: float = field(0.01, "AdamW weight decay")
+    warmup_steps: int = field(0, "linear learning-rate warm-up steps")
+    grad_clip: float = field(1.0, "gradient norm clip (0: off)")
+    batch_size: int = field(8, "pairs per optimizer step, over all processes")
+    max_steps: int = field(1000, "optimizer steps")
+    precision: str = field("bf16", "bf16 (autocast on GPU) or fp32")
+    grad_checkpointing: bool = field(False, "recompute block activations in backward to save memory")
+    head_dropout: float = field(0.1, "dropout in the head's MLP")
+    holdout: float = field(0.1, "fraction of pairs held out for evaluation")
+    eval_every: int = field(100, "evaluate every N steps")
+    save_every: int = field(200, "write a resumable checkpoint every N steps")
+    log_every: int = field(10, "write a metrics row every N steps")
+    seed: int = field(0, "seed for the split, noise levels, noise and init")
+    resume: bool = field(False, "continue the run in `out` exactly where it stopped")
+
+    def validate(self) -> None:
+        from .data import check_resolution
+
+        if not self.base:
+            raise ConfigError("base: required (an SD3/SD3.5 checkpoint or diffusion model)")
+        if not self.data:
+            raise ConfigError("data: required (a pairs .json/.jsonl or pre-encoded .safetensors)")
+        for name in ("base", "data", "vae", *(["clip"] if self.clip else [])):
+            paths = getattr(self, name) if name == "clip" else [getattr(self, name)]
+            for p in paths:
+                if p and not Path(p).is_file():
+                    raise ConfigError(f"{name}: file {p} does not exist")
+        try:
+            check_resolution(self.resolution)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        choices = {"mode": ("adapter", "full", "head"), "timestep_sampling": ("logit-normal", "uniform"),
+                   "precision": ("bf16", "fp32"), "on_bad_image": ("stop", "skip")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        positive = ("batch_size", "max_steps", "eval_every", "save_every", "log_every", "lora_rank")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"holdout: expected a fraction in (0, 1), got {self.holdout}")
+        if self.blocks < 0:
+            raise ConfigError(f"blocks: expected >= 0, got {self.blocks}")
+        check_out_dir(self)
+
+
+def check_out_dir(cfg: DRMTrainConfig) -> None:
+    """Refuse to mix runs: an `out` holding another run needs --resume, and --resume needs the same run."""
+    run_file = Path(cfg.out) / "run.json"
+    if not run_file.is_file():
+        if cfg.resume:
+            raise ConfigError(f"resume: {cfg.out} holds no run to resume (no run.json)")
+        return
+    if not cfg.resume:
+        raise ConfigError(f"out: {cfg.out} already holds a run; pass --resume to continue it, or choose another --out")
+    saved = json.loads(run_file.read_text(encoding="utf-8"))
+    changed = sorted(k for k, v in to_dict(cfg).items() if k not in RESUMABLE and saved.get(k) != v)
+    if changed:
+        raise ConfigError(f"resume: the run in {cfg.out} used different settings for {changed}; "
+                          "resume with the same settings, or start a new --out")
+
+
+# ---- noise levels and evaluation ----
+
+def sample_sigmas(cfg: DRMTrainConfig, generator: torch.Generator, n: int) -> torch.Tensor:
+    if cfg.timestep_sampling == "uniform":
+        return torch.rand(n, generator=generator)
+    return torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
+
+
+def pair_scores(drm, pairs, index: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor, latent_format,
+                device, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRM scores of the preferred and rejected latents of pairs `index`, each at its pair's sigma.
+
+    noise: [2, n, C, H, W], independent for each image (preferred first).
+    """
+    x0 = latent_format.process_in(torch.cat([pairs.preferred[index], pairs.rejected[index]]).float())
+    s = sigmas.repeat(2).view(-1, 1, 1, 1)
+    x_t = ((1 - s) * x0 + s * noise.flatten(0, 1)).to(device)
+    prompt = pairs.prompt_index[index].repeat(2)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        scores = drm(x_t, (s.flatten() * 1000).to(device), pairs.context[prompt].to(device),
+                     pairs.pooled[prompt].to(device))
+    return scores.float().chunk(2)
+
+
+@torch.no_grad()
+def evaluate(drm, pairs, cfg: DRMTrainConfig, latent_format, device, autocast: bool, batch: int = 32) -> dict:
+    """Held-out preference accuracy overall and per sigma bucket, at fixed sigmas and fixed noise."""
+    was_training = drm.training
+    drm.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    result, correct_all = {}, []
+    for low, high in BUCKETS:
+        correct = []
+        for k in range(EVAL_SIGMAS_PER_BUCKET):
+            sigma = low + (high - low) * (k + 0.5) / EVAL_SIGMAS_PER_BUCKET
+            for start in range(0, len(pairs), batch):
+                index = torch.arange(start, min(start + batch, len(pairs)))
+                noise = torch.randn((2, len(index), *pairs.preferred.shape[1:]), generator=generator)
+                good, bad = pair_scores(drm, pairs, index, torch.full((len(index),), sigma), noise,
+                                        latent_format, device, autocast)
+                correct.append((good > bad).float().cpu())
+        correct = torch.cat(correct)
+        result[f"acc_sigma_{low:.2f}_{high:.2f}"] = correct.mean().item()
+        correct_all.append(correct)
+    result["eval_acc"] = torch.cat(correct_all).mean().item()
+    drm.train(was_training)
+    return result
+
+
+# ---- the DRM to train ----
+
+def build_trainable_drm(cfg: DRMTrainConfig, base, device):
+    """The DRM for `cfg.mode`, with requires_grad set on exactly the trained parameters."""
+    import comfy.ops
+
+    from drm.head import ConvGNHead
+    from drm.lora import LoRA, target_paths
+    from drm.model import DRM, build_drm, new_final_layer
+
+    mmdit = base.model.model.diffusion_model
+    blocks = cfg.blocks or max(1, len(mmdit.joint_blocks) - 3)
+    if blocks > len(mmdit.joint_blocks):
+        raise ConfigError(f"blocks: {blocks} is more than the base model's {len(mmdit.joint_blocks)} joint blocks")
+    torch.manual_seed(cfg.seed)
+    if cfg.mode in ("adapter", "head"):
+        # Shared, frozen base weights; trained parts stay fp32 (manual_cast follows the input dtype).
+        mmdit.requires_grad_(False)
+        final_layer = new_final_layer(mmdit, dtype=torch.float32, operations=comfy.ops.manual_cast)
+        final_layer.load_state_dict(mmdit.final_layer.state_dict())
+        final_layer.requires_grad_(cfg.mode == "adapter")
+        lora = None
+        if cfg.mode == "adapter":
+            lora = LoRA.for_module(mmdit, target_paths(mmdit, cfg.lora_mlp, blocks), cfg.lora_rank, cfg.lora_alpha)
+        # A freshly initialised head: plain torch layers (comfy's ops skip weight init).
+        drm = DRM(mmdit, blocks, final_layer, ConvGNHead(mmdit.out_channels), lora=lora, shared_backbone=True)
+        mmdit.to(device)
+    else:
+        state = {k: v.float() for k, v in mmdit.state_dict().items()}
+        head = ConvGNHead(mmdit.out_channels)
+        state.update({"reward_output." + k: v for k, v in head.state_dict().items()})
+        drm = build_drm(state, blocks, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+        drm.requires_grad_(cfg.mode == "full")
+        drm.reward_output.requires_grad_(True)
+    drm.reward_output.mlp[2].p = cfg.head_dropout
+    drm.checkpointing = cfg.grad_checkpointing
+    return drm.to(device), blocks
+
+
+# ---- checkpoints ----
+
+def trainable_state(drm) -> dict[str, torch.Tensor]:
+    return {k: p.detach().cpu().clone() for k, p in drm.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, drm, optimizer, scheduler, step: int) -> None:
+    """Atomically: write into checkpoint.tmp, then replace checkpoint/."""
+    import shutil
+
+    from drm.checkpoint import atomic_save
+
+    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    atomic_save(trainable_state(drm), tmp / "trainable.safetensors", {"step": str(step)})
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def load_checkpoint(out: Path, drm, optimizer, scheduler) -> int:
+    from drm.checkpoint import read_safetensors
+
+    tensors, _ = read_safetensors(out / "checkpoint" / "trainable.safetensors", what="checkpoint",
+                                  where="The run has no checkpoint yet: start it without --resume.")
+    params = dict(drm.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    # Our own file, written by save_checkpoint; weights_only refuses anything but tensors and plain data.
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
+
+
+def write_drm(cfg: DRMTrainConfig, drm, base_name: str, step: int, metrics: dict) -> Path:
+    from drm.checkpoint import save_adapter, save_full
+
+    path = Path(cfg.out) / f"drm-{base_name}-{cfg.mode}.safetensors"
+    meta = {"drm.base_model": base_name, "drm.train_mode": cfg.mode, "drm.train_steps": str(step),
+            "drm.eval": json.dumps(metrics)}
+    # adapter and head DRMs run on the base model's own weights, so only their own parts are written
+    (save_full if cfg.mode == "full" else save_adapter)(drm, path, meta)
+    return path
+
+
+# ---- the loop ----
+
+def train_drm(cfg: DRMTrainConfig) -> dict:
+    """Train and write the DRM; returns the last evaluation. SIGINT saves a resumable checkpoint."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from drm.plots import training_curves_png
+
+    from .data import EncodedPairs
+    from .models import load_base
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    autocast = cfg.precision == "bf16" and device.type == "cuda"
+    out = Path(cfg.out)
+    # bf16 weights only where autocast runs the backbone in bf16; elsewhere the base stays fp32.
+    base = load_base(cfg.base, cfg.vae, cfg.clip, need_encoders=not cfg.data.endswith(".safetensors"),
+                     dtype=torch.bfloat16 if autocast else torch.float32)
+    # One process encodes (and caches); the others read what it wrote.
+    pairs = load_or_encode(cfg, base) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    if pairs is None:
+        pairs = EncodedPairs.load(out / "cache" / "pairs.safetensors")
+    train, heldout = pairs.split(cfg.holdout, cfg.seed)
+    latent_format = base.model.get_model_object("latent_format")
+
+    drm, blocks = build_trainable_drm(cfg, base, device)
+    params = [p for p in drm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    step = load_checkpoint(out, drm, optimizer, scheduler) if cfg.resume else 0
+    model, optimizer = accelerator.prepare(drm, optimizer)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
+
+    if cfg.batch_size % accelerator.num_processes:
+        raise ConfigError(f"batch_size: {cfg.batch_size} does not split over {accelerator.num_processes} processes")
+    per_rank = cfg.batch_size // accelerator.num_processes
+    stop = {"now": False}
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    metrics_file = out / "metrics.csv"
+    last_eval: dict = {}
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="DRM")
+    try:
+        while step < cfg.max_steps and not stop["now"]:
+            # The same pairs, noise levels and noise for step `step` whatever the process count or resume point.
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            epoch_order = torch.randperm(len(train), generator=torch.Generator().manual_seed(
+                cfg.seed + (step * cfg.batch_size) // len(train)))
+            start = (step * cfg.batch_size) % len(train)
+            index = epoch_order[torch.arange(start, start + cfg.batch_size) % len(train)]
+            sigmas = sample_sigmas(cfg, generator, cfg.batch_size)
+            noise = torch.randn((2, cfg.batch_size, *train.preferred.shape[1:]), generator=generator)
+            rank = slice(accelerator.process_index * per_rank, (accelerator.process_index + 1) * per_rank)
+            good, bad = pair_scores(model, train, index[rank], sigmas[rank], noise[:, rank], latent_format, device,
+                                    autocast)
+            loss = -F.logsigmoid(good - bad).mean()
+            accelerator.backward(loss)
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            row = {"step": step, "loss": accelerator.reduce(loss.detach(), "mean").item(),
+                   "train_acc": accelerator.reduce((good > bad).float().mean(), "mean").item(),
+                   "lr": scheduler.get_last_lr()[0]}
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                last_eval = evaluate(accelerator.unwrap_model(model), heldout, cfg, latent_format, device, autocast)
+                row.update(last_eval)
+            if accelerator.is_main_process:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{last_eval.get('eval_acc', float('nan')):.2f}")
+                if step % cfg.log_every == 0 or "eval_acc" in row:
+                    _append_csv(metrics_file, row)
+            if step % cfg.save_every == 0 or stop["now"]:
+                _save(accelerator, out, model, optimizer, scheduler, step)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        bar.close()
+    if stop["now"]:
+        if accelerator.is_main_process:
+            print(f"Interrupted at step {step}; a checkpoint is saved. Continue with --resume.")
+        return last_eval
+    _save(accelerator, out, model, optimizer, scheduler, step)
+    if accelerator.is_main_process:
+        path = write_drm(cfg, accelerator.unwrap_model(model), base.name, step, last_eval)
+        training_curves_png(metrics_file, out / "curves.png", title=f"DRM training ({cfg.mode})")
+        print(f"DRM written to {path}; held-out accuracy {last_eval.get('eval_acc', float('nan')):.3f}")
+        print("  " + "  ".join(f"{k[10:]}: {v:.3f}" for k, v in last_eval.items() if k.startswith("acc_sigma_")))
+    return last_eval
+
+
+def _save(accelerator, out, model, optimizer, scheduler, step) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step)
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    columns = ["step", "loss", "train_acc", "lr", "eval_acc"] + [
+        f"acc_sigma_{low:.2f}_{high:.2f}" for low, high in BUCKETS]
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and not math.isnan(v) else v) for k, v in row.items()})
+
+
+def load_or_encode(cfg: DRMTrainConfig, base):
+    """Pre-encoded pairs as they are, or images and prompts encoded (and cached) with the base's VAE and CLIP."""
+    from .data import EncodedPairs, clip_prompt_encoder, encode_pairs, load_pairs
+
+    out = Path(cfg.out)
+    if cfg.data.endswith(".safetensors"):
+        pairs = EncodedPairs.load(cfg.data)
+    else:
+        records = load_pairs(cfg.data, cfg.min_confidence)
+        pairs = encode_pairs(records, base.vae, clip_prompt_encoder(base.clip), cfg.resolution,
+                             cfg.cache_dir or out / "cache", on_bad_image=cfg.on_bad_image,
+                             vae_id=f"{base.name}-vae", text_encoder_id=f"{base.name}-text")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cache").mkdir(exist_ok=True)
+    pairs.save(out / "cache" / "pairs.safetensors")
+    return pairs
