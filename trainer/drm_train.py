@@ -256,21 +256,26 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
 
     from drm.plots import training_curves_png
 
-    from .data import EncodedPairs
+    from .data import EncodedPairs, load_pairs
     from .models import load_base
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     autocast = cfg.precision == "bf16" and device.type == "cuda"
     out = Path(cfg.out)
+    # The data is read (not yet encoded) first, so a bad file fails before any model loads.
+    pre_encoded = cfg.data.endswith(".safetensors")
+    pairs = EncodedPairs.load(cfg.data) if pre_encoded else None
+    records = None if pre_encoded else load_pairs(cfg.data, cfg.min_confidence)
     # bf16 weights only where autocast runs the backbone in bf16; elsewhere the base stays fp32.
-    base = load_base(cfg.base, cfg.vae, cfg.clip, need_encoders=not cfg.data.endswith(".safetensors"),
+    base = load_base(cfg.base, cfg.vae, cfg.clip, need_encoders=not pre_encoded,
                      dtype=torch.bfloat16 if autocast else torch.float32)
-    # One process encodes (and caches); the others read what it wrote.
-    pairs = load_or_encode(cfg, base) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
-    if pairs is None:
-        pairs = EncodedPairs.load(out / "cache" / "pairs.safetensors")
+    if records is not None:  # one process encodes (and caches); the others read what it wrote
+        encoded = out / "cache" / "pairs.safetensors"
+        if accelerator.is_main_process:
+            encode_records(cfg, base, records).save(encoded)
+        accelerator.wait_for_everyone()
+        pairs = EncodedPairs.load(encoded)
     train, heldout = pairs.split(cfg.holdout, cfg.seed)
     latent_format = base.model.get_model_object("latent_format")
 
@@ -360,19 +365,10 @@ def _append_csv(path: Path, row: dict) -> None:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and not math.isnan(v) else v) for k, v in row.items()})
 
 
-def load_or_encode(cfg: DRMTrainConfig, base):
-    """Pre-encoded pairs as they are, or images and prompts encoded (and cached) with the base's VAE and CLIP."""
-    from .data import EncodedPairs, clip_prompt_encoder, encode_pairs, load_pairs
+def encode_records(cfg: DRMTrainConfig, base, records):
+    """Images and prompts encoded (and cached) with the base's VAE and text encoders."""
+    from .data import clip_prompt_encoder, encode_pairs
 
-    out = Path(cfg.out)
-    if cfg.data.endswith(".safetensors"):
-        pairs = EncodedPairs.load(cfg.data)
-    else:
-        records = load_pairs(cfg.data, cfg.min_confidence)
-        pairs = encode_pairs(records, base.vae, clip_prompt_encoder(base.clip), cfg.resolution,
-                             cfg.cache_dir or out / "cache", on_bad_image=cfg.on_bad_image,
-                             vae_id=f"{base.name}-vae", text_encoder_id=f"{base.name}-text")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cache").mkdir(exist_ok=True)
-    pairs.save(out / "cache" / "pairs.safetensors")
-    return pairs
+    return encode_pairs(records, base.vae, clip_prompt_encoder(base.clip), cfg.resolution,
+                        cfg.cache_dir or Path(cfg.out) / "cache", on_bad_image=cfg.on_bad_image,
+                        vae_id=f"{base.name}-vae", text_encoder_id=f"{base.name}-text")

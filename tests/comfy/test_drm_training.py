@@ -1,8 +1,9 @@
-"""`python -m trainer drm` on the tiny model and synthetic preference pairs (hidden rule in the latents)."""
+"""`python -m trainer drm` on the tiny model and synthetic image pairs (the preferred image is warmer)."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import signal
@@ -17,15 +18,27 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
+def fake_text_encoder(prompt: str):
+    """Stands in for SD3's text encoders (none can be built small): fixed random tensors per prompt."""
+    seed = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 8, 4096, generator=gen), torch.randn(1, 2048, generator=gen)
+
+
 @pytest.fixture(scope="module")
 def files(comfyui, tmp_path_factory):
+    """The tiny base model, and 160 image pairs whose preferred image is warmer, encoded by a tiny VAE."""
     from drm.checkpoint import atomic_save
     from drm.tiny import tiny_generator_state_dict
-    from trainer.synthetic import synthetic_latent_pairs
+    from trainer.data import encode_pairs, load_pairs
+    from trainer.synthetic import make_synthetic_dataset, tiny_vae
 
     root = tmp_path_factory.mktemp("drm-train")
     atomic_save(tiny_generator_state_dict(), root / "tiny-sd35.safetensors", {})
-    synthetic_latent_pairs(256, size=8, seed=0).save(root / "pairs.safetensors")
+    records = load_pairs(make_synthetic_dataset(root / "images", 160, resolution=64))
+    pairs = encode_pairs(records, tiny_vae(), fake_text_encoder, 64, root / "cache", vae_id="tiny-vae",
+                         text_encoder_id="fake", progress=False)
+    pairs.save(root / "pairs.safetensors")
     return root
 
 
@@ -48,7 +61,7 @@ def metrics(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(files):
     out = files / "run"
-    assert run(cli(files, out, "--max-steps", "120", "--eval-every", "60", "--log-every", "10")) == 0
+    assert run(cli(files, out, "--max-steps", "150", "--eval-every", "50", "--log-every", "10")) == 0
     return out
 
 
@@ -65,10 +78,10 @@ def test_run_writes_drm_metrics_and_curves(trained):
 
     ckpt = load_checkpoint(trained / "drm-tiny-sd35-adapter.safetensors")
     assert ckpt.format == "adapter" and ckpt.blocks == 1
-    assert ckpt.metadata["drm.base_model"] == "tiny-sd35" and ckpt.metadata["drm.train_steps"] == "120"
+    assert ckpt.metadata["drm.base_model"] == "tiny-sd35" and ckpt.metadata["drm.train_steps"] == "150"
     assert any(k.endswith(".alpha") for k in ckpt.state_dict)
     assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [r["step"] for r in metrics(trained)][-1] == "120"
+    assert [r["step"] for r in metrics(trained)][-1] == "150"
 
 
 def test_adapter_drm_shares_the_model_and_equals_its_merged_full_form(trained, files, tmp_path):
@@ -165,7 +178,7 @@ def test_out_dir_with_another_run_needs_resume(trained, files, capsys):
 
 
 def test_resume_with_other_settings_is_refused(trained, files, capsys):
-    assert run(cli(files, trained, "--max-steps", "130", "--resume", "--mode", "full")) == 2
+    assert run(cli(files, trained, "--max-steps", "160", "--resume", "--mode", "full")) == 2
     assert "different settings for ['mode']" in capsys.readouterr().err
 
 
@@ -187,7 +200,24 @@ def test_empty_dataset_after_filter_is_refused(files, tmp_path, capsys):
     pairs.write_text("".join(json.dumps(dict(line, confidence=0.2)) + "\n" for line in lines))
     argv = cli(files, tmp_path / "o", "--max-steps", "2", "--min-confidence", "0.5", "--resolution", "64")
     argv[argv.index("--data") + 1] = str(pairs)
-    argv[argv.index("--base") + 1] = str(files / "tiny-sd35.safetensors")
-    # a bare diffusion model has no VAE: the encoders are reported missing before the data is read
-    assert run(argv) == 2
+    assert run(argv) == 2  # refused before any model loads or any image is encoded
+    assert "min_confidence=0.5 removed all 3" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "cache").exists()
+
+
+def test_image_data_without_encoders_is_refused(files, tmp_path, capsys):
+    from trainer.synthetic import make_synthetic_dataset
+
+    argv = cli(files, tmp_path / "o", "--max-steps", "2", "--resolution", "64")
+    argv[argv.index("--data") + 1] = str(make_synthetic_dataset(tmp_path / "data", 3, resolution=64))
+    assert run(argv) == 2  # a bare diffusion model has no VAE or text encoders
     assert "no VAE or text encoders" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_losses(files):
+    plain, checkpointed = files / "no-ckpt", files / "ckpt"
+    common = ("--max-steps", "3", "--log-every", "1", "--eval-every", "100", "--head-dropout", "0")
+    assert run(cli(files, plain, *common)) == 0
+    assert run(cli(files, checkpointed, *common, "--grad-checkpointing")) == 0
+    assert [float(r["loss"]) for r in metrics(checkpointed)] == pytest.approx(
+        [float(r["loss"]) for r in metrics(plain)], abs=1e-6)
