@@ -76,9 +76,10 @@ class LoRA(nn.Module):
         return self.alpha / self.rank
 
     @contextlib.contextmanager
-    def applied(self, root: nn.Module) -> Iterator[None]:
-        """Add the adapters to `root`'s target layers while the block runs."""
-        handles = [root.get_submodule(path).register_forward_hook(self._hook(i)) for i, path in enumerate(self.paths)]
+    def applied(self, root: nn.Module, within: str = "") -> Iterator[None]:
+        """Add the adapters to `root`'s target layers (those under the path prefix `within`) while the block runs."""
+        handles = [root.get_submodule(path).register_forward_hook(self._hook(i))
+                   for i, path in enumerate(self.paths) if path.startswith(within)]
         try:
             yield
         finally:

@@ -12,6 +12,7 @@ import contextlib
 import comfy.model_detection
 import comfy.ops
 import torch
+import torch.utils.checkpoint
 from comfy.ldm.modules.diffusionmodules.mmdit import FinalLayer, MMDiT
 from torch import nn
 
@@ -68,10 +69,6 @@ class DRM(nn.Module):
     def features(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
         """The truncated MMDiT's output map, [B, out_channels, H, W]."""
-        with self.lora.applied(self.backbone) if self.lora is not None else contextlib.nullcontext():
-            return self._features(x, timesteps, context, y)
-
-    def _features(self, x, timesteps, context, y):
         m = self.backbone
         hw = x.shape[-2:]
         h = m.x_embedder(x) + comfy.ops.cast_to_input(m.cropped_pos_embed(hw, device=x.device), x)
@@ -79,11 +76,20 @@ class DRM(nn.Module):
         if y is not None and m.y_embedder is not None:
             c = c + m.y_embedder(y)
         context = m.context_embedder(context)
-        for block in m.joint_blocks[: self.blocks]:
-            # JointBlock checkpoints activations unless told otherwise.
-            context, h = block(context, h, c=c, use_checkpoint=self.checkpointing, transformer_options={})
+        for i in range(self.blocks):
+            if self.checkpointing:  # recompute in backward; the LoRA hooks are entered again there
+                context, h = torch.utils.checkpoint.checkpoint(self._block, i, context, h, c, use_reentrant=False)
+            else:
+                context, h = self._block(i, context, h, c)
         h = self.final_layer(h, c)
         return m.unpatchify(h, hw=hw)[:, :, : hw[-2], : hw[-1]]
+
+    def _block(self, i: int, context: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        """Joint block i, with this DRM's LoRA (if any) on it for the duration of the call."""
+        adapted = self.lora.applied(self.backbone, f"joint_blocks.{i}.") if self.lora is not None \
+            else contextlib.nullcontext()
+        with adapted:
+            return self.backbone.joint_blocks[i](context, h, c=c, use_checkpoint=False, transformer_options={})
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
