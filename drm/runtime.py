@@ -48,6 +48,7 @@ class LoadedDRM:
         self.patcher = comfy.model_patcher.ModelPatcher(drm, load_device=load_device, offload_device=offload_device)
         self.latent_format = comfy.latent_formats.SD3()
         self.model_sampling = flow_model_sampling()
+        self.scored_rows = 0  # latents scored so far, for cost accounting
 
     def __repr__(self) -> str:
         return f"LoadedDRM({self.name}, blocks={self.model.blocks}, dtype={self.dtype})"
@@ -102,6 +103,7 @@ class LoadedDRM:
         """Scores [B] (float32, on x's device) of model-space latents x at noise level sigma."""
         comfy.model_management.load_models_gpu([self.patcher] + self._base_to_load())
         device = self.patcher.load_device
+        self.scored_rows += x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32).flatten().expand(x.shape[0])
         timesteps = self.model_sampling.timestep(sigma)
         with torch.no_grad():

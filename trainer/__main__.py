@@ -2,6 +2,7 @@
 
   demo   the pipeline end to end on a tiny random-weight SD3.5-architecture model
   drm    train a DRM from preference pairs
+  grpo   fine-tune SD3.5 into a LoRA with Step-wise GRPO (or the GRPO baseline) against a DRM
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import sys
 
 from .config import ConfigError, add_arguments, load_config
 from .drm_train import DRMTrainConfig
+from .grpo_train import GRPOConfig
+
+CONFIGS = {"drm": DRMTrainConfig, "grpo": GRPOConfig}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,14 +24,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="ComfyUI tree to use (default: $COMFYUI_PATH, then the ComfyUI holding this pack)")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the pipeline on a tiny random-weight SD3.5-architecture model")
-    demo.add_argument("--steps", type=int, default=8, help="sampling steps (default 8)")
-    demo.add_argument("--batch", type=int, default=3, help="latents per prompt (default 3)")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; an earlier demo there is replaced)")
     demo.add_argument("--seed", type=int, default=0)
     add_arguments(commands.add_parser("drm", help="train a DRM from preference pairs"), DRMTrainConfig)
+    add_arguments(commands.add_parser("grpo", help="Step-GRPO / GRPO fine-tuning to a ComfyUI LoRA"), GRPOConfig)
     args = parser.parse_args(argv)
 
     try:  # configuration errors are reported before any model loads
-        config = load_config(DRMTrainConfig, args) if args.command == "drm" else None
+        config = load_config(CONFIGS[args.command], args) if args.command in CONFIGS else None
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -42,12 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(steps=args.steps, batch=args.batch, seed=args.seed)
+        try:
+            run_demo(out=args.out, seed=args.seed)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         from .drm_train import train_drm
+        from .grpo_train import train_grpo
 
         try:
-            train_drm(config)
+            (train_drm if args.command == "drm" else train_grpo)(config)
         except ValueError as e:  # bad data or models: a clear message, nothing half-written
             print(f"error: {e}", file=sys.stderr)
             return 2

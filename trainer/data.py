@@ -387,7 +387,7 @@ def encode_pairs(
                            "check the image paths (relative paths start at the pairs file's folder).")
 
     prompts = list(dict.fromkeys(r.prompt for r in kept))
-    context, pooled = _encode_prompts(prompts, encode_prompt, cache, text_encoder_id, progress)
+    context, pooled = encode_prompts(prompts, encode_prompt, cache, text_encoder_id, progress)
     row = {prompt: i for i, prompt in enumerate(prompts)}
     return EncodedPairs(
         preferred=torch.stack([latents[r.preferred] for r in kept]),
@@ -447,7 +447,7 @@ def _encode_images(records: Sequence[PairRecord], vae, resolution: int, cache: P
     return latents, bad
 
 
-def _encode_prompts(prompts: list[str], encode_prompt: PromptEncoder, cache: Path | None, text_encoder_id: str,
+def encode_prompts(prompts: list[str], encode_prompt: PromptEncoder, cache: Path | None, text_encoder_id: str,
                     progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(context [P, T, C] zero-padded to the longest T, pooled [P, D]) for the distinct prompts."""
     contexts, pooleds = [], []

@@ -1,44 +1,117 @@
-"""The README's first command: the DRM scoring latents at several noise levels, through ComfyUI.
+"""`python -m trainer demo`: the whole pipeline on a tiny random-weight SD3.5-architecture model.
 
-Everything is generated on the spot: a tiny SD3.5-architecture generator and a tiny DRM with random
-weights. The numbers show the pipeline working, not image quality.
+1. generate a tiny generator (SD3.5-M's layout at depth 2) and synthetic preference pairs whose
+   preferred latent follows a hidden rule (a brighter top half in channel 0);
+2. train a DRM on them (`trainer drm`, adapter mode) and show its accuracy per noise level;
+3. fine-tune the generator with Step-GRPO against that DRM (`trainer grpo`) into a LoRA;
+4. back in ComfyUI: load the LoRA with ComfyUI's own LoRA loader and sample plainly and with DRM
+   step-wise search, scored by the DRM.
+Everything is made on the spot; nothing is downloaded. Its pictures are noise.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from pathlib import Path
 
-import comfy.sample
-import comfy.sd
 import torch
 
-from drm.model import build_drm
-from drm.runtime import LoadedDRM
-from drm.tiny import tiny_conditioning, tiny_drm_state_dict, tiny_generator_state_dict
+MARKER = "demo.json"
 
 
-def run_demo(steps: int = 8, batch: int = 3, seed: int = 0) -> None:
+def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_iterations: int = 30) -> dict:
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+
+    from drm.checkpoint import atomic_save
+    from drm.runtime import load_drm
+    from drm.stepwise import schedule_sigmas, stepwise_ksampler
+    from drm.tiny import tiny_conditioning, tiny_generator_state_dict
+
+    from .drm_train import DRMTrainConfig, train_drm
+    from .grpo_train import GRPOConfig, train_grpo
+    from .prompts import PromptBank
+    from .synthetic import synthetic_latent_pairs
+
     start = time.perf_counter()
-    print("DRM demo on a TINY RANDOM-WEIGHT stand-in for SD3.5-Medium (depth 2, hidden 128).")
-    print("It shows the pipeline end to end; its pictures are noise and its scores mean nothing.\n")
-    generator_sd = tiny_generator_state_dict(seed=seed)
-    model = comfy.sd.load_diffusion_model_state_dict(dict(generator_sd))
-    drm = LoadedDRM(build_drm(tiny_drm_state_dict(generator_sd, blocks=1), blocks=1), name="tiny-drm")
-    positive, negative = tiny_conditioning(seed=seed), tiny_conditioning(seed=seed + 1)
-    empty = torch.zeros(batch, 16, 32, 32)  # 256x256 pixels
-    noise = comfy.sample.prepare_noise(empty, seed)
-    sampling = model.get_model_object("model_sampling")
+    root = prepare_out(Path(out))
+    print("DRM demo on a TINY RANDOM-WEIGHT stand-in for SD3.5-Medium (depth 2, hidden 128, 64x64 pixels).")
+    print("It runs every stage of the pipeline on a CPU; its images are noise and its rewards are synthetic.\n")
 
-    print(f"Sampling {batch} latents with euler/simple, {steps} steps, cfg 3.0; stopping early leaves noise,")
-    print("as KSamplerAdvanced does, and DRM Score Latent scores each latent at its noise level.\n")
-    header = f"{'step':>4}  {'sigma':>6}  " + "  ".join(f"latent {i:<2}" for i in range(batch)) + "  best"
-    print(header)
-    print("-" * len(header))
-    for stop in range(1, steps + 1):
-        samples = comfy.sample.sample(model, noise, steps, 3.0, "euler", "simple", positive, negative, empty,
-                                      last_step=stop, force_full_denoise=False, disable_pbar=True, seed=seed)
-        sigma = drm.schedule_sigma(steps, "simple", stop, sampling)
-        scores = drm.score_latents(samples, sigma, positive)
-        cells = "  ".join(f"{s:+9.4f}" for s in scores.tolist())
-        print(f"{stop:>4}  {sigma:6.3f}  {cells}  #{int(scores.argmax())}")
-    print(f"\nDone in {time.perf_counter() - start:.1f} s. Next: `python -m pytest -rs` runs the tests.")
+    base = root / "models" / "tiny-sd35.safetensors"
+    atomic_save(tiny_generator_state_dict(seed=seed), base, {})
+    synthetic_latent_pairs(256, size=8, seed=seed).save(root / "data" / "pairs.safetensors")
+    conds = [tiny_conditioning(seed=seed + i) for i in range(4)]
+    prompts = PromptBank([f"tiny prompt {i}" for i in range(4)], torch.cat([c[0][0] for c in conds]),
+                         torch.cat([c[0][1]["pooled_output"] for c in conds]), torch.zeros(1, 8, 4096),
+                         torch.zeros(1, 2048))
+    prompts.save(root / "data" / "prompts.safetensors")
+
+    print(f"[1/3] Training a DRM on 256 synthetic preference pairs ({drm_steps} steps, adapter mode)")
+    drm_cfg = DRMTrainConfig(base=str(base), data=str(root / "data" / "pairs.safetensors"), out=str(root / "drm"),
+                             mode="adapter", max_steps=drm_steps, batch_size=16, lr=1e-3, precision="fp32",
+                             eval_every=drm_steps, log_every=10, seed=seed)
+    drm_cfg.validate()
+    accuracy = train_drm(drm_cfg)
+    drm_file = next((root / "drm").glob("drm-*.safetensors"))
+
+    print(f"\n[2/3] Step-GRPO against that DRM ({grpo_iterations} iterations, K = 4 siblings, 6 steps)")
+    grpo_cfg = GRPOConfig(base=str(base), drm=str(drm_file), prompts=str(root / "data" / "prompts.safetensors"),
+                          out=str(root / "grpo"), resolution=64, steps=6, branches=4, batch_size=2,
+                          iterations=grpo_iterations, eval_every=10, save_every=grpo_iterations, lr=1e-3,
+                          lora_rank=8, lora_alpha=8.0, seed=seed)
+    grpo_cfg.validate()
+    last = train_grpo(grpo_cfg)
+    lora_file = root / "grpo" / "tiny-sd35-step-grpo.safetensors"
+    rewards = [float(r["eval_reward"]) for r in _csv(root / "grpo" / "metrics.csv") if r["eval_reward"]]
+
+    print("\n[3/3] In ComfyUI: the LoRA through ComfyUI's LoRA loader, plain sampling vs DRM step-wise search")
+    model = comfy.sd.load_diffusion_model(str(base))
+    drm = load_drm(drm_file, base_model=model)
+    positive, negative = conds[0], [[torch.zeros(1, 8, 4096), {"pooled_output": torch.zeros(1, 2048)}]]
+    latent = torch.zeros(4, 16, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    sigmas = schedule_sigmas(model.get_model_object("model_sampling"), "simple", 6)
+    lora = comfy.utils.load_torch_file(str(lora_file), safe_load=True)
+    print(f"{'model':<22}{'sampler':<22}{'mean DRM score':>15}")
+    for label, strength in (("base", 0.0), ("base + LoRA", 1.0)):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
+        for name, sampler in (("euler", comfy.samplers.sampler_object("euler")),
+                              ("step-wise K=4", stepwise_ksampler(drm, branches=4))):
+            x = comfy.sample.sample_custom(patched, noise, 4.5, sampler, sigmas, positive, negative, latent,
+                                           disable_pbar=True, seed=seed)
+            score = drm.score_latents(x, 0.0, positive).mean().item()
+            print(f"{label:<22}{name:<22}{score:>15.4f}")
+
+    summary = {"drm_eval": accuracy, "grpo_eval_rewards": rewards, "seconds": round(time.perf_counter() - start, 1)}
+    (root / MARKER).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print("\nDRM held-out accuracy by noise level: "
+          + ", ".join(f"sigma {k[10:].replace('_', '-')}: {v:.2f}" for k, v in accuracy.items() if k.startswith("acc_")))
+    print(f"Step-GRPO eval reward (ODE samples, DRM): {rewards[0]:+.3f} before -> {rewards[-1]:+.3f} after")
+    print(f"Files in {root}: DRM {drm_file.relative_to(root)}, LoRA {lora_file.relative_to(root)}, "
+          "reward curve grpo/reward_curve.png, before/after grids grpo/eval/, DRM curves drm/curves.png")
+    print(f"Done in {summary['seconds']} s. Copy the DRM to ComfyUI/models/drm and the LoRA to ComfyUI/models/loras.")
+    return summary | {"last": last}
+
+
+def prepare_out(root: Path) -> Path:
+    """A clean demo folder; a folder that is not an earlier demo's is left alone."""
+    if root.exists() and any(root.iterdir()):
+        if not (root / MARKER).exists():
+            raise ValueError(f"out: {root} exists and is not a demo folder; choose another --out")
+        shutil.rmtree(root)
+    for sub in ("models", "data"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("{}", encoding="utf-8")
+    return root
+
+
+def _csv(path: Path) -> list[dict]:
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

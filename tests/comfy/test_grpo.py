@@ -1,0 +1,215 @@
+"""`python -m trainer grpo` and `python -m trainer demo` on the tiny model, and the LoRA in ComfyUI's loaders."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def metrics(out: Path) -> list[dict]:
+    with (out / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def demo(comfyui, tmp_path_factory):
+    """The README's main command, run once: DRM training, Step-GRPO, and sampling back in ComfyUI."""
+    from trainer.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    summary = run_demo(out=str(out / "demo"))
+    return out / "demo", summary
+
+
+def run(argv) -> int:
+    from trainer.__main__ import main
+
+    return main(argv)
+
+
+def grpo_cli(demo_dir: Path, out: Path, *extra) -> list[str]:
+    drm = next((demo_dir / "drm").glob("drm-*.safetensors"))
+    return ["grpo", "--base", str(demo_dir / "models" / "tiny-sd35.safetensors"), "--drm", str(drm),
+            "--prompts", str(demo_dir / "data" / "prompts.safetensors"), "--out", str(out), "--resolution", "64",
+            "--steps", "4", "--batch-size", "2", "--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "8", *extra]
+
+
+def test_demo_eval_reward_rises_and_files_are_written(demo):
+    root, summary = demo
+    rewards = summary["grpo_eval_rewards"]
+    assert len(rewards) >= 3 and rewards[-1] > rewards[0], rewards
+    assert summary["drm_eval"]["acc_sigma_0.00_0.25"] >= 0.9
+    for name in ("grpo/tiny-sd35-step-grpo.safetensors", "grpo/reward_curve.png", "grpo/eval/step0000.png",
+                 "grpo/eval/step0030.png", "drm/curves.png"):
+        assert (root / name).is_file(), name
+    assert (root / "grpo" / "eval" / "step0030.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lora_file_has_comfy_keys_alpha_and_training_facts(demo):
+    from drm.checkpoint import read_safetensors
+
+    tensors, meta = read_safetensors(demo[0] / "grpo" / "tiny-sd35-step-grpo.safetensors")
+    modules = {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in tensors}
+    for module in modules:
+        assert {f"{module}.lora_up.weight", f"{module}.lora_down.weight", f"{module}.alpha"} <= set(tensors)
+        assert float(tensors[f"{module}.alpha"]) == 8.0 and tensors[f"{module}.lora_down.weight"].shape[0] == 8
+    assert all(k.startswith("diffusion_model.joint_blocks.") for k in tensors)
+    assert {meta["drm.algorithm"], meta["drm.base_model"], meta["drm.steps"], meta["drm.lora_rank"]} == {
+        "step-grpo", "tiny-sd35", "30", "8"}
+    assert meta["drm.reward_model"].startswith("drm-tiny-sd35")
+
+
+def test_stock_lora_loader_loads_every_key_at_the_trained_strength(demo, caplog):
+    """LoraLoaderModelOnly: no 'lora key not loaded', output moves with strength, and strength 1 is the policy."""
+    import comfy.sd
+    import folder_paths
+
+    import nodes as comfy_nodes
+    from drm.checkpoint import read_safetensors
+    from drm.lora import LoRA
+    from trainer.policy import Policy
+
+    root = demo[0]
+    folder_paths.add_model_folder_path("loras", str(root / "grpo"), is_default=True)
+    model = comfy.sd.load_diffusion_model(str(root / "models" / "tiny-sd35.safetensors"))
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.7, 0.7])
+    context, pooled = torch.randn(2, 8, 4096), torch.randn(2, 2048)
+
+    def predict(patcher):
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([patcher])
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, y=pooled).float()
+
+    outputs = {}
+    with caplog.at_level(logging.WARNING):
+        for strength in (0.0, 0.5, 1.0):
+            (patched,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(
+                model, "tiny-sd35-step-grpo.safetensors", strength)
+            outputs[strength] = predict(patched)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert (outputs[0.5] - outputs[0.0]).abs().max() > 1e-6
+    assert (outputs[1.0] - outputs[0.5]).abs().max() > 1e-6
+
+    # The trainer's own forward (LoRA through hooks, scale alpha / rank) gives what ComfyUI computes.
+    base = comfy.sd.load_diffusion_model(str(root / "models" / "tiny-sd35.safetensors"))
+    policy = Policy(base, rank=8, alpha=8.0, include_mlp=False, device="cpu", seed=0)
+    trained = LoRA.from_state_dict_comfy(read_safetensors(root / "grpo" / "tiny-sd35-step-grpo.safetensors")[0])
+    assert sorted(trained.paths) == sorted(policy.lora.paths)
+    with torch.no_grad():
+        for i, path in enumerate(policy.lora.paths):
+            j = trained.paths.index(path)
+            policy.lora.down[i].copy_(trained.down[j])
+            policy.lora.up[i].copy_(trained.up[j])
+    with torch.no_grad():
+        assert torch.allclose(policy.predict(x, sigma, context, pooled), outputs[1.0], atol=1e-4, rtol=0)
+
+
+def test_cost_accounting_and_on_policy_ratio(demo, tmp_path):
+    """One forward per (prompt, step) serves all K siblings; the ratio is exactly 1 on-policy."""
+    steps, batch, k, g = 4, 2, 3, 3
+    assert run(grpo_cli(demo[0], tmp_path / "s", "--iterations", "2", "--branches", str(k))) == 0
+    assert run(grpo_cli(demo[0], tmp_path / "g", "--iterations", "2", "--algorithm", "grpo", "--group", str(g))) == 0
+    step_row, grpo_row = metrics(tmp_path / "s")[-1], metrics(tmp_path / "g")[-1]
+    trained = steps - 1
+    assert float(step_row["model_rows"]) == batch * steps * 2 + batch * trained  # rollout (CFG) + training
+    assert float(step_row["drm_rows"]) == k * batch * trained
+    assert float(grpo_row["model_rows"]) == g * batch * steps * 2 + g * batch * trained
+    assert float(grpo_row["drm_rows"]) == g * batch
+    assert float(step_row["ratio"]) == 1.0 and float(grpo_row["ratio"]) == 1.0
+
+
+def test_resume_continues_exactly(demo, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ("--eval-every", "100", "--save-every", "2")
+    assert run(grpo_cli(demo[0], tmp_path / "whole", "--iterations", "4", *common)) == 0
+    assert run(grpo_cli(demo[0], tmp_path / "split", "--iterations", "2", *common)) == 0
+    assert run(grpo_cli(demo[0], tmp_path / "split", "--iterations", "4", "--resume", *common)) == 0
+    keys = ("iteration", "reward", "loss")
+    assert [[r[k] for k in keys] for r in metrics(tmp_path / "split")] == \
+        [[r[k] for k in keys] for r in metrics(tmp_path / "whole")]
+    a = load_file(str(tmp_path / "whole" / "tiny-sd35-step-grpo.safetensors"))
+    b = load_file(str(tmp_path / "split" / "tiny-sd35-step-grpo.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_two_processes_match_one(demo, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ("--iterations", "3", "--eval-every", "3")
+    assert run(grpo_cli(demo[0], tmp_path / "one", *common)) == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer",
+                             *grpo_cli(demo[0], tmp_path / "two", *common)], cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("reward", "loss", "eval_reward"):
+        assert [float(r[key] or 0) for r in one] == pytest.approx([float(r[key] or 0) for r in two], abs=1e-5), key
+    a = load_file(str(tmp_path / "one" / "tiny-sd35-step-grpo.safetensors"))
+    b = load_file(str(tmp_path / "two" / "tiny-sd35-step-grpo.safetensors"))
+    # Adam turns all-reduce rounding into at most a fraction of one learning-rate step per weight.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+
+
+def test_sigint_saves_a_resumable_checkpoint(demo, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *grpo_cli(demo[0], out, "--iterations", "100000",
+                                                                         "--eval-every", "100000")],
+                            cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Interrupted at iteration" in output, output[-2000:]
+    done = int(output.split("Interrupted at iteration ")[1].split(";")[0])
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["iteration"] == done
+    assert run(grpo_cli(demo[0], out, "--iterations", str(done + 1), "--eval-every", "100000", "--resume")) == 0
+    assert metrics(out)[-1]["iteration"] == str(done + 1)
+
+
+def test_peft_export_names_diffusers_modules(demo, tmp_path):
+    from drm.checkpoint import read_safetensors
+
+    assert run(grpo_cli(demo[0], tmp_path / "p", "--iterations", "1", "--peft-export")) == 0
+    tensors, _ = read_safetensors(tmp_path / "p" / "tiny-sd35-step-grpo.peft.safetensors")
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in tensors
+    assert tensors["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"].shape == (128, 4)
+    assert float(tensors["transformer.transformer_blocks.0.attn.to_v.alpha"]) == 8.0
+
+
+def test_drm_for_another_model_is_refused_before_loading(demo, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    drm = {"x_embedder.proj.weight": torch.zeros(128, 16, 2, 2), "context_embedder.weight": torch.zeros(128, 2048),
+           "reward_output.mlp.0.weight": torch.zeros(512, 512)}
+    save_file(drm, str(tmp_path / "other.safetensors"))
+    argv = grpo_cli(demo[0], tmp_path / "o", "--iterations", "1")
+    argv[argv.index("--drm") + 1] = str(tmp_path / "other.safetensors")
+    assert run(argv) == 2
+    assert "drm: other.safetensors does not fit the base model (text context" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--branches", "1"), "branches: step-grpo normalises rewards within K siblings, so K >= 2"),
+    (("--algorithm", "grpo", "--group", "1"), "group: grpo normalises rewards within G trajectories"),
+])
+def test_bad_group_sizes_are_refused(demo, tmp_path, capsys, flags, message):
+    assert run(grpo_cli(demo[0], tmp_path / "o", *flags)) == 2
+    assert message in capsys.readouterr().err

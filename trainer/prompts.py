@@ -1,0 +1,84 @@
+"""Prompt banks for GRPO training and evaluation: prompt texts with their SD3 conditioning.
+
+Accepted files:
+- `.txt`: one prompt per line (blank lines and lines starting with # are skipped);
+- `.jsonl`: one object per line with a "prompt" key;
+- `.safetensors`: pre-encoded, with `context` [P, T, 4096], `pooled` [P, 2048], optionally
+  `negative_context` [1, T', 4096] and `negative_pooled` [1, 2048] (default: zeros), and the prompt
+  texts as a JSON list in the metadata key `prompts`.
+Text files are encoded with the base model's text encoders (cached, like the DRM trainer's).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from drm.checkpoint import atomic_save, read_safetensors
+
+from .data import DatasetError, encode_prompts
+
+
+@dataclass
+class PromptBank:
+    texts: list[str]
+    context: torch.Tensor  # [P, T, C]
+    pooled: torch.Tensor  # [P, D]
+    negative_context: torch.Tensor  # [1, T', C]: CFG's unconditional prompt
+    negative_pooled: torch.Tensor  # [1, D]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def save(self, path) -> None:
+        atomic_save({"context": self.context, "pooled": self.pooled, "negative_context": self.negative_context,
+                     "negative_pooled": self.negative_pooled}, path, {"prompts": json.dumps(self.texts)})
+
+
+def read_prompt_texts(path: str | Path) -> list[str]:
+    """The prompts of a .txt or .jsonl file; a DatasetError naming the file and line for bad content."""
+    path = Path(path)
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip() or (path.suffix == ".txt" and line.lstrip().startswith("#")):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"prompts file {path}, line {number}: malformed JSON ({e.msg}).") from None
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise DatasetError(f"prompts file {path}, line {number}: expected an object with a \"prompt\" string.")
+            line = item["prompt"]
+        texts.append(line.strip())
+    if not texts:
+        raise DatasetError(f"prompts file {path} holds no prompts; write one prompt per line.")
+    return texts
+
+
+def load_prompt_bank(path: str | Path, clip=None, cache_dir: Path | None = None,
+                     text_encoder_id: str = "") -> PromptBank:
+    """A prompt bank from a text file (encoded with `clip`) or a pre-encoded .safetensors file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors, metadata = read_safetensors(path, what="prompts file", where="Check the --prompts path.")
+        if not {"context", "pooled"} <= set(tensors):
+            raise DatasetError(f"prompts file {path.name} lacks `context` and `pooled` tensors.")
+        context, pooled = tensors["context"].float(), tensors["pooled"].float()
+        texts = json.loads(metadata.get("prompts", "[]")) or [f"prompt {i}" for i in range(len(context))]
+        return PromptBank(texts, context, pooled,
+                          tensors.get("negative_context", torch.zeros(1, 1, context.shape[-1])).float(),
+                          tensors.get("negative_pooled", torch.zeros(1, pooled.shape[-1])).float())
+    if clip is None:
+        raise DatasetError(f"prompts file {path.name} is text, and the base model has no text encoders: "
+                           "pass --clip files, a full checkpoint, or a pre-encoded .safetensors prompt bank.")
+    from .data import clip_prompt_encoder
+
+    texts = read_prompt_texts(path)
+    encoder = clip_prompt_encoder(clip)
+    context, pooled = encode_prompts(texts, encoder, cache_dir, text_encoder_id, progress=True)
+    negative_context, negative_pooled = encode_prompts([""], encoder, cache_dir, text_encoder_id, progress=False)
+    return PromptBank(texts, context, pooled, negative_context, negative_pooled)
