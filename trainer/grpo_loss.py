@@ -18,7 +18,10 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
         raise ValueError(f"a group needs at least 2 members to normalise rewards, got {rewards.shape[-1]}")
     mean = rewards.mean(dim=-1, keepdim=True)
     std = rewards.std(dim=-1, keepdim=True, unbiased=False)
-    return (rewards - mean) / (std + eps)
+    advantages = (rewards - mean) / (std + eps)
+    # float rounding of the mean of equal rewards would otherwise leave a spurious nonzero advantage
+    all_equal = (rewards == rewards[..., :1]).all(dim=-1, keepdim=True)
+    return torch.where(all_equal, torch.zeros_like(advantages), advantages)
 
 
 def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,

@@ -93,9 +93,11 @@ class GRPOConfig:
         if self.steps < 2:
             raise ConfigError("steps: expected >= 2 (the last step, to sigma 0, is deterministic and never trains)")
         end = self.window_end or self.steps
-        if self.train_steps == "window" and not 0 <= self.window_start < end <= self.steps:
-            raise ConfigError(f"window_start/window_end: expected 0 <= start < end <= steps ({self.steps}), "
-                              f"got {self.window_start}..{end}")
+        # the last step (to sigma 0) is deterministic, so a window must hold an earlier one
+        if self.train_steps == "window" and not (0 <= self.window_start < min(end, self.steps - 1)
+                                                 and end <= self.steps):
+            raise ConfigError(f"window_start/window_end: expected 0 <= start < end <= steps ({self.steps}) with a "
+                              f"step before the last one, got {self.window_start}..{end}")
         if self.eta <= 0:
             raise ConfigError(f"eta: GRPO needs stochastic rollouts, so eta > 0; got {self.eta}")
         if not 0 <= self.ema < 1:

@@ -145,9 +145,8 @@ def policy_loss(policy, records: list[StepRecord], cond: Conditioning, cfg: floa
         loss, stats, mean = transition_loss(denoised, record.parent, record.sigma, record.sigma_next, eta,
                                             record.samples, record.old_log_prob, record.advantages, clip_range)
         if kl_beta > 0:
-            with torch.no_grad():
-                reference = policy.predict(record.parent, sigmas, cond.context, cond.pooled, lora=False)
-                reference = record.uncond + cfg * (reference - record.uncond) if cfg != 1.0 else reference
+            with torch.no_grad():  # the reference is the whole CFG transition with the LoRA off
+                reference, _ = cfg_predict(_ReferencePolicy(policy), record.parent, record.sigma, cond, cfg)
                 reference_mean, std = sde_mean_std(record.parent, reference, record.sigma, record.sigma_next, eta)
             kl = gaussian_kl(mean, reference_mean, std).mean()
             loss = loss + kl_beta * kl
@@ -157,3 +156,13 @@ def policy_loss(policy, records: list[StepRecord], cond: Conditioning, cfg: floa
         totals["ratio"] += stats["ratio"]
         totals["clip_frac"] += stats["clip_frac"]
     return {k: v / max(1, len(records)) for k, v in totals.items()}
+
+
+class _ReferencePolicy:
+    """The policy with its LoRA switched off: the KL reference."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def predict(self, x, sigma, context, pooled):
+        return self.policy.predict(x, sigma, context, pooled, lora=False)
