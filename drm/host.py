@@ -59,6 +59,10 @@ def import_comfy(explicit: str | os.PathLike | None = None, cpu: bool | None = N
 
     if cpu is None:
         cpu = not torch.cuda.is_available()
+    # Under accelerate/torchrun each rank must own its GPU: ComfyUI picks the current CUDA device
+    # (and reads its memory) when comfy.model_management is first imported.
+    if not cpu and os.environ.get("LOCAL_RANK") is not None:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     # Must be set before comfy.model_management is first imported, or it probes CUDA and fails.
     comfy.cli_args.args.cpu = bool(cpu)
     # utils.extra_config first: `import nodes` later puts comfy/ first on sys.path, and `utils`
