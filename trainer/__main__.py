@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, add_arguments, load_config
 from .drm_train import DRMTrainConfig
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="run the pipeline on a tiny random-weight SD3.5-architecture model")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; an earlier demo there is replaced)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--install", action="store_true",
+                      help="copy the tiny model, VAE, DRM, LoRA and prompts into ComfyUI's models folder")
     add_arguments(commands.add_parser("drm", help="train a DRM from preference pairs"), DRMTrainConfig)
     add_arguments(commands.add_parser("grpo", help="Step-GRPO / GRPO fine-tuning to a ComfyUI LoRA"), GRPOConfig)
     args = parser.parse_args(argv)
@@ -47,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         try:
-            run_demo(out=args.out, seed=args.seed)
+            import folder_paths
+
+            run_demo(out=args.out, seed=args.seed,
+                     install_into=Path(folder_paths.models_dir) if args.install else None)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -21,13 +21,27 @@ import torch
 MARKER = "demo.json"
 
 
-def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_iterations: int = 30) -> dict:
+# What `--install` copies into ComfyUI's model folders: the names the example workflows use.
+INSTALL = {
+    "diffusion_models/tiny-sd35.safetensors": "models/tiny-sd35.safetensors",
+    "vae/tiny-vae.safetensors": "models/tiny-vae.safetensors",
+    "drm/tiny-drm.safetensors": "drm/drm-tiny-sd35-adapter.safetensors",
+    "loras/tiny-sd35-step-grpo.safetensors": "grpo/tiny-sd35-step-grpo.safetensors",
+    "drm_conditioning/tiny-prompt-0.safetensors": "data/tiny-prompt-0.safetensors",
+    "drm_conditioning/tiny-prompt-1.safetensors": "data/tiny-prompt-1.safetensors",
+    "drm_conditioning/tiny-negative.safetensors": "data/tiny-negative.safetensors",
+}
+
+
+def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_iterations: int = 30,
+             install_into: Path | None = None) -> dict:
     import comfy.sample
     import comfy.samplers
     import comfy.sd
     import comfy.utils
 
     from drm.checkpoint import atomic_save
+    from drm.conditioning import save_conditioning
     from drm.runtime import load_drm
     from drm.stepwise import schedule_sigmas, stepwise_ksampler
     from drm.tiny import tiny_conditioning, tiny_generator_state_dict
@@ -35,7 +49,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
     from .drm_train import DRMTrainConfig, train_drm
     from .grpo_train import GRPOConfig, train_grpo
     from .prompts import PromptBank
-    from .synthetic import synthetic_latent_pairs
+    from .synthetic import synthetic_latent_pairs, tiny_vae_state_dict
 
     start = time.perf_counter()
     root = prepare_out(Path(out))
@@ -44,12 +58,18 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
 
     base = root / "models" / "tiny-sd35.safetensors"
     atomic_save(tiny_generator_state_dict(seed=seed), base, {})
+    atomic_save(tiny_vae_state_dict(seed), root / "models" / "tiny-vae.safetensors", {})
     synthetic_latent_pairs(256, size=8, seed=seed).save(root / "data" / "pairs.safetensors")
     conds = [tiny_conditioning(seed=seed + i) for i in range(4)]
     prompts = PromptBank([f"tiny prompt {i}" for i in range(4)], torch.cat([c[0][0] for c in conds]),
                          torch.cat([c[0][1]["pooled_output"] for c in conds]), torch.zeros(1, 8, 4096),
                          torch.zeros(1, 2048))
     prompts.save(root / "data" / "prompts.safetensors")
+    for i in (0, 1):  # for the example workflows' DRM Load Cached Conditioning nodes
+        save_conditioning(root / "data" / f"tiny-prompt-{i}.safetensors", conds[i][0][0],
+                          conds[i][0][1]["pooled_output"], prompt=prompts.texts[i])
+    save_conditioning(root / "data" / "tiny-negative.safetensors", prompts.negative_context,
+                      prompts.negative_pooled, prompt="")
 
     print(f"[1/3] Training a DRM on 256 synthetic preference pairs ({drm_steps} steps, adapter mode)")
     drm_cfg = DRMTrainConfig(base=str(base), data=str(root / "data" / "pairs.safetensors"), out=str(root / "drm"),
@@ -94,7 +114,16 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
     print(f"Step-GRPO eval reward (ODE samples, DRM): {rewards[0]:+.3f} before -> {rewards[-1]:+.3f} after")
     print(f"Files in {root}: DRM {drm_file.relative_to(root)}, LoRA {lora_file.relative_to(root)}, "
           "reward curve grpo/reward_curve.png, before/after grids grpo/eval/, DRM curves drm/curves.png")
-    print(f"Done in {summary['seconds']} s. Copy the DRM to ComfyUI/models/drm and the LoRA to ComfyUI/models/loras.")
+    if install_into is not None:
+        for target, source in INSTALL.items():
+            (install_into / target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / source, install_into / target)
+        print(f"Installed the tiny model, VAE, DRM, LoRA and prompts into {install_into}: the example workflows "
+              "in workflows/ now run as they are.")
+    else:
+        print("Run with --install to copy the tiny model, DRM, LoRA and prompts into ComfyUI's model folders, so "
+              "the example workflows run as they are.")
+    print(f"Done in {summary['seconds']} s.")
     return summary | {"last": last}
 
 

@@ -112,7 +112,6 @@ def synthetic_latent_pairs(n: int, size: int = 8, seed: int = 0, tokens: int = 8
     return EncodedPairs(preferred, rejected, context, pooled, prompt_index, prompts)
 
 
-@torch.no_grad()
 def tiny_vae(seed: int = 0):
     """A random-weight TAESD with 16 latent channels as a comfy.sd.VAE: 64x64 images -> [B, 16, 8, 8].
 
@@ -120,6 +119,13 @@ def tiny_vae(seed: int = 0):
     not SD3's meaning. Needs drm.host.import_comfy() to have run.
     """
     import comfy.sd
+
+    return comfy.sd.VAE(sd=tiny_vae_state_dict(seed))
+
+
+@torch.no_grad()
+def tiny_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """tiny_vae's weights as a TAESD-format state dict, which ComfyUI's VAELoader loads from a file."""
     from comfy.taesd.taesd import TAESD
 
     model = TAESD(latent_channels=16)
@@ -134,4 +140,4 @@ def tiny_vae(seed: int = 0):
     state = dict(model.state_dict())
     # what ComfyUI's VAELoader sets for taesd3, SD3's latent scale and shift
     state["vae_scale"], state["vae_shift"] = torch.tensor(SD3_SCALE), torch.tensor(SD3_SHIFT)
-    return comfy.sd.VAE(sd=state)
+    return {k: v.contiguous() for k, v in state.items()}

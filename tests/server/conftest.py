@@ -138,20 +138,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _build_models(models: Path) -> None:
-    """The tiny generator, the tiny DRM and two cached prompts, in ComfyUI's model-folder layout."""
-    from drm.checkpoint import atomic_save
-    from drm.conditioning import save_conditioning
-    from drm.tiny import tiny_conditioning, tiny_drm_state_dict, tiny_generator_state_dict
+def _build_models(root: Path, models: Path) -> None:
+    """What `python -m trainer demo --install` puts in ComfyUI's model folders: the example workflows' files."""
+    from trainer.demo import run_demo
 
-    generator = tiny_generator_state_dict()
-    atomic_save(generator, models / "diffusion_models" / "tiny-sd35.safetensors", {})
-    atomic_save(tiny_drm_state_dict(generator), models / "drm" / "tiny-drm.safetensors",
-                {"drm.format": "full", "drm.blocks": "1"})
-    for seed in (0, 1):
-        cond = tiny_conditioning(seed=seed)
-        save_conditioning(models / "drm_conditioning" / f"tiny-prompt-{seed}.safetensors",
-                          cond[0][0], cond[0][1]["pooled_output"], prompt=f"tiny prompt {seed}")
+    run_demo(out=str(root / "demo"), install_into=models)
 
 
 def _write_extra_paths(path: Path, models: Path, custom_nodes: Path) -> None:
@@ -162,6 +153,8 @@ def _write_extra_paths(path: Path, models: Path, custom_nodes: Path) -> None:
         "base_path": str(models.parent),
         "is_default": True,
         "diffusion_models": "models/diffusion_models",
+        "vae": "models/vae",
+        "loras": "models/loras",
         "drm": "models/drm",
         "drm_conditioning": "models/drm_conditioning",
         "custom_nodes": custom_nodes.name,
@@ -174,7 +167,7 @@ def server(comfyui, tmp_path_factory) -> Iterator[ComfyServer]:
     """A ComfyUI server on a free port, loading this repository as custom node `comfyui-drm`."""
     root = tmp_path_factory.mktemp("comfyui-server")
     models = root / "models"
-    _build_models(models)
+    _build_models(root, models)
 
     custom_nodes = root / "custom_nodes"
     custom_nodes.mkdir()

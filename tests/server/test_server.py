@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOW = REPO / "workflows" / "api" / "score_latents.json"
+WORKFLOWS = REPO / "workflows"
 PACK_NODES = ("DRMLoader", "DRMLoadConditioning", "DRMScoreLatent", "DRMStepwiseKSampler", "SamplerDRMStepwise")
 SUMMARY_LINE = re.compile(r"^\s*#(\d+):\s*(\S+)\s*$", re.MULTILINE)
 
@@ -46,43 +46,89 @@ def test_pack_nodes_are_registered(server):
     assert info["DRMScoreLatent"]["output_is_list"] == [True, False, False]
 
 
-def test_score_latents_workflow(server):
-    workflow = json.loads(WORKFLOW.read_text(encoding="utf-8"))
-    (summary_node,) = [k for k in node_ids(workflow, "PreviewAny") if workflow[k]["inputs"]["source"][1] == 1]
-    (scores_node,) = [k for k in node_ids(workflow, "PreviewAny") if workflow[k]["inputs"]["source"][1] == 0]
-    (save_node,) = node_ids(workflow, "SaveLatent")
-    batch = workflow[node_ids(workflow, "EmptySD3LatentImage")[0]]["inputs"]["batch_size"]
-
-    entry = server.wait_for(server.post_prompt(workflow), timeout=180)
+def run_workflow(server, name: str) -> tuple[dict, dict]:
+    workflow = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
+    entry = server.wait_for(server.post_prompt(workflow), timeout=300)
     assert entry["status"]["status_str"] == "success", server.describe_failure(entry)
-    outputs = entry["outputs"]
-    assert {summary_node, scores_node, save_node} <= set(outputs), server.describe_failure(entry)
+    return workflow, entry["outputs"]
 
-    (summary,) = outputs[summary_node]["text"]
-    assert summary.startswith(f"DRM tiny-drm.safetensors at sigma 0.0000 ({batch} latents, best first):"), summary
-    ranked = parse_summary(summary)
-    assert sorted(ranked) == list(range(batch)), summary
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")))
+def test_every_api_workflow_completes(server, name):
+    _, outputs = run_workflow(server, name)
+    assert any(out.get("images") for out in outputs.values()), outputs  # each saves a picture
+
+
+def test_scores_mid_graph_noisy_and_clean(server):
+    """drm_score_midgraph: the KSamplerAdvanced latent with leftover noise and the finished one, both scored."""
+    workflow, outputs = run_workflow(server, "drm_score_midgraph")
+    noisy, clean = (parse_summary(outputs[n]["text"][0]) for n in ("11", "12"))
+    assert outputs["11"]["text"][0].startswith("DRM tiny-drm.safetensors at sigma 0.7500")  # step 4 of 8, shift 3
+    assert outputs["12"]["text"][0].startswith("DRM tiny-drm.safetensors at sigma 0.0000")
+    batch = workflow["6"]["inputs"]["batch_size"]
+    assert sorted(noisy) == sorted(clean) == list(range(batch))
+    assert all(math.isfinite(v) for v in [*noisy.values(), *clean.values()])
+    assert noisy != clean
+
+
+def test_best_of_batch_keeps_the_top_scored_latent(server):
+    workflow, outputs = run_workflow(server, "drm_best_of_batch")
+    ranked = parse_summary(outputs["12"]["text"][0])
     scores = list(ranked.values())  # best first
-    assert all(math.isfinite(s) for s in scores), summary
-    assert len(set(scores)) == batch, f"scores are not distinct: {summary}"
-    assert scores == sorted(scores, reverse=True), summary
+    assert len(ranked) == workflow["6"]["inputs"]["batch_size"] and scores == sorted(scores, reverse=True)
+    assert len(set(scores)) == len(scores), scores
+    assert len(outputs["11"]["images"]) == 1  # LatentFromBatch took one latent: the first of the sorted batch
 
-    # The FLOAT list output (is_output_list) runs PreviewAny once per latent, in batch order.
-    per_latent = [float(t) for t in outputs[scores_node]["text"]]
-    assert per_latent == pytest.approx([ranked[i] for i in range(batch)], abs=1e-4), (per_latent, summary)
 
-    # The sorted LATENT output: a 2 x 16 x 32 x 32 batch saved by SaveLatent.
-    (saved,) = outputs[save_node]["latents"]
-    path = server.output_dir / saved["subfolder"] / saved["filename"]
-    from safetensors.torch import load_file
+def test_stepwise_beside_ksampler_returns_trace_and_plot(server):
+    workflow, outputs = run_workflow(server, "drm_stepwise_vs_ksampler")
+    plain, stepwise = (parse_summary(outputs[n]["text"][0])[0] for n in ("11", "12"))
+    assert math.isfinite(plain) and math.isfinite(stepwise) and plain != stepwise
+    (plot,) = outputs["13"]["images"]
+    assert plot["filename"].endswith(".png")
 
-    latent = load_file(str(path))["latent_tensor"]
-    assert tuple(latent.shape) == (batch, 16, 32, 32)
+
+def test_ui_and_api_workflows_agree(server):
+    """Same node types, same links and same widget values in the UI (frontend) and API (server) files."""
+    from tools.build_workflows import widget_names
+
+    info = server.get("/object_info")
+    for ui_path in sorted(WORKFLOWS.glob("*.json")):
+        ui = json.loads(ui_path.read_text(encoding="utf-8"))
+        api = json.loads((WORKFLOWS / "api" / ui_path.name).read_text(encoding="utf-8"))
+        links = {link[0]: link for link in ui["links"]}
+        derived = {}
+        for node in ui["nodes"]:
+            inputs = {}
+            for slot in node["inputs"]:
+                if slot["link"] is not None:
+                    _, src, src_slot, dst, _, _ = links[slot["link"]]
+                    assert dst == node["id"]
+                    inputs[slot["name"]] = [str(src), src_slot]
+            values = iter(node["widgets_values"])
+            for name, control in widget_names(info[node["type"]]):
+                inputs[name] = next(values)
+                if control:
+                    assert next(values) in ("fixed", "increment", "decrement", "randomize")
+            assert next(values, None) is None, f"{ui_path.name}: node {node['id']} has extra widget values"
+            derived[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+        expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+        assert derived == expected, ui_path.name
+
+
+def test_workflows_are_browsable_templates_with_thumbnails(server):
+    templates = server.get("/workflow_templates")
+    names = sorted(templates.get(server.pack_folder, []))
+    assert names == sorted(p.stem for p in WORKFLOWS.glob("*.json")) and len(names) >= 4, templates
+    for name in names:
+        assert (WORKFLOWS / f"{name}.jpg").is_file(), name
 
 
 def test_sd1_latent_fails_cleanly_and_server_survives(server):
     workflow = {
-        "1": {"class_type": "DRMLoader", "inputs": {"drm_name": "tiny-drm.safetensors", "weight_dtype": "fp32"}},
+        "1": {"class_type": "DRMLoader", "inputs": {"drm_name": "tiny-drm.safetensors", "weight_dtype": "fp32",
+                                                    "model": ["9", 0]}},
+        "9": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny-sd35.safetensors", "weight_dtype": "default"}},
         "2": {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": "tiny-prompt-0.safetensors"}},
         "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
         "4": {"class_type": "DRMScoreLatent", "inputs": {
@@ -108,7 +154,9 @@ def test_unknown_drm_file_fails_with_its_name(server):
     a V3 node's bad combo value passes validation and fails when DRMLoader runs; newer servers may
     reject it at validation (HTTP 400 with node_errors). Either way the file name is reported."""
     workflow = {
-        "1": {"class_type": "DRMLoader", "inputs": {"drm_name": "missing.safetensors", "weight_dtype": "fp32"}},
+        "1": {"class_type": "DRMLoader", "inputs": {"drm_name": "missing.safetensors", "weight_dtype": "fp32",
+                                                    "model": ["9", 0]}},
+        "9": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny-sd35.safetensors", "weight_dtype": "default"}},
         "2": {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": "tiny-prompt-0.safetensors"}},
         "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "4": {"class_type": "DRMScoreLatent", "inputs": {
@@ -129,19 +177,3 @@ def test_unknown_drm_file_fails_with_its_name(server):
     assert errors[0]["node_type"] == "DRMLoader", server.describe_failure(entry)
     assert "missing.safetensors" in errors[0]["exception_message"], errors[0]["exception_message"]
     assert server.alive(), server.log_tail()
-
-
-def test_stepwise_workflow_beside_ksampler(server):
-    """Step-wise sampling and plain KSampler on the same seed, both scored; the trace and its plot come back."""
-    workflow = json.loads((REPO / "workflows" / "api" / "stepwise_vs_ksampler.json").read_text(encoding="utf-8"))
-    entry = server.wait_for(server.post_prompt(workflow), timeout=300)
-    assert entry["status"]["status_str"] == "success", server.describe_failure(entry)
-    outputs = entry["outputs"]
-    plain = parse_summary(outputs["10"]["text"][0])[0]
-    stepwise = parse_summary(outputs["11"]["text"][0])[0]
-    assert math.isfinite(plain) and math.isfinite(stepwise) and plain != stepwise
-    steps = workflow["7"]["inputs"]["steps"]
-    trace = [float(t) for t in outputs["12"]["text"]]
-    assert len(trace) == steps - 1 and all(math.isfinite(t) for t in trace)  # every step but the last branched
-    (plot,) = outputs["13"]["images"]
-    assert plot["filename"].endswith(".png")

@@ -1,0 +1,231 @@
+"""Write the example workflows (API and UI formats), their thumbnails and the README pictures.
+
+    python -m trainer demo --install          # the tiny files the workflows name, in ComfyUI/models
+    python main.py --cpu                       # in ComfyUI, with this pack in custom_nodes
+    python tools/build_workflows.py --server http://127.0.0.1:8188 --demo runs/demo
+
+The graphs are defined once below in API format (plus a position per node). The UI format, which
+the frontend opens, is derived from the server's /object_info (widget order, slot types). Every
+workflow is then run on the server; its first saved image becomes `workflows/<name>.jpg`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+MODEL = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny-sd35.safetensors", "weight_dtype": "default"},
+         "_meta": {"title": "Load Diffusion Model (SD3.5; tiny demo model here)"}, "pos": [0, 0]}
+POSITIVE = {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": "tiny-prompt-0.safetensors"},
+            "_meta": {"title": "Positive prompt (cached; or CLIPTextEncode)"}, "pos": [0, 160]}
+NEGATIVE = {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": "tiny-negative.safetensors"},
+            "_meta": {"title": "Negative prompt (cached; or CLIPTextEncode)"}, "pos": [0, 280]}
+VAE = {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-vae.safetensors"}, "_meta": {"title": "Load VAE"},
+       "pos": [0, 400]}
+DRM = {"class_type": "DRMLoader", "inputs": {"drm_name": "tiny-drm.safetensors", "weight_dtype": "default",
+                                             "model": ["1", 0]}, "_meta": {"title": "DRM Loader"}, "pos": [0, 520]}
+SAMPLING = {"seed": 42, "cfg": 4.5, "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0]}
+SEARCH = {"drm": ["5", 0], "branches": 4, "eta": 0.7, "mode": "greedy", "beam_width": 2, "temperature": 1.0,
+          "window_start": 0, "window_end": -1}
+
+
+def score(latent: list, **where) -> dict:
+    inputs = {"drm": ["5", 0], "latent": latent, "positive": ["2", 0], "position": "sigma", "sigma": 0.0,
+              "steps": 20, "scheduler": "simple", "step": 20}
+    inputs.update(where)
+    return {"class_type": "DRMScoreLatent", "inputs": inputs}
+
+
+def node(class_type: str, inputs: dict, title: str, pos: list) -> dict:
+    return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}, "pos": pos}
+
+
+def base(**extra) -> dict:
+    graph = {"1": MODEL, "2": POSITIVE, "3": NEGATIVE, "4": VAE, "5": DRM}
+    graph.update(extra)
+    return json.loads(json.dumps(graph))
+
+
+WORKFLOWS = {
+    "drm_score_midgraph": base(
+        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 2}, "Empty latent", [0, 700]),
+           "7": node("KSamplerAdvanced", {"model": ["1", 0], "add_noise": "enable", "noise_seed": 42, "steps": 8,
+                                          "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple",
+                                          "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["6", 0],
+                                          "start_at_step": 0, "end_at_step": 4,
+                                          "return_with_leftover_noise": "enable"},
+                     "Steps 0-4, noise left in", [420, 0]),
+           "8": dict(score(["7", 0], position="schedule", steps=8, step=4, model=["1", 0]),
+                     _meta={"title": "Score the noisy latent (step 4 of 8)"}, pos=[840, 0]),
+           "9": node("KSamplerAdvanced", {"model": ["1", 0], "add_noise": "disable", "noise_seed": 42, "steps": 8,
+                                          "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple",
+                                          "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["7", 0],
+                                          "start_at_step": 4, "end_at_step": 10000,
+                                          "return_with_leftover_noise": "disable"},
+                     "Steps 4-8, finish", [420, 420]),
+           "10": dict(score(["9", 0]), _meta={"title": "Score the clean latent"}, pos=[840, 420]),
+           "11": node("PreviewAny", {"source": ["8", 1]}, "Noisy scores", [1260, 0]),
+           "12": node("PreviewAny", {"source": ["10", 1]}, "Clean scores", [1260, 420]),
+           "13": node("VAEDecode", {"samples": ["9", 0], "vae": ["4", 0]}, "VAE Decode", [1260, 640]),
+           "14": node("SaveImage", {"images": ["13", 0], "filename_prefix": "drm/score_midgraph"}, "Save", [1500, 640])}),
+    "drm_stepwise_vs_ksampler": base(
+        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 700]),
+           "7": node("KSampler", {"model": ["1", 0], "steps": 8, "sampler_name": "euler", "latent_image": ["6", 0],
+                                  "denoise": 1.0, **SAMPLING}, "KSampler (plain, same seed)", [420, 0]),
+           "8": node("DRMStepwiseKSampler", {"model": ["1", 0], "steps": 8, "latent_image": ["6", 0], "denoise": 1.0,
+                                             **SAMPLING, **SEARCH}, "DRM Step-wise KSampler", [420, 420]),
+           "9": dict(score(["7", 0]), _meta={"title": "Score: KSampler"}, pos=[840, 0]),
+           "10": dict(score(["8", 0]), _meta={"title": "Score: step-wise"}, pos=[840, 420]),
+           "11": node("PreviewAny", {"source": ["9", 1]}, "KSampler score", [1260, 0]),
+           "12": node("PreviewAny", {"source": ["10", 1]}, "Step-wise score", [1260, 200]),
+           "13": node("SaveImage", {"images": ["8", 3], "filename_prefix": "drm/reward_trace"}, "Reward trace",
+                      [1260, 420]),
+           "14": node("VAEDecode", {"samples": ["8", 0], "vae": ["4", 0]}, "VAE Decode", [840, 860]),
+           "15": node("SaveImage", {"images": ["14", 0], "filename_prefix": "drm/stepwise"}, "Save", [1260, 860])}),
+    "drm_best_of_batch": base(
+        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 4}, "Empty latent", [0, 700]),
+           "7": node("KSampler", {"model": ["1", 0], "steps": 8, "sampler_name": "euler", "latent_image": ["6", 0],
+                                  "denoise": 1.0, **SAMPLING}, "KSampler (batch of 4)", [420, 0]),
+           "8": dict(score(["7", 0]), _meta={"title": "DRM Score Latent (sorts best first)"}, pos=[840, 0]),
+           "9": node("LatentFromBatch", {"samples": ["8", 2], "batch_index": 0, "length": 1}, "Take the best",
+                     [1260, 0]),
+           "10": node("VAEDecode", {"samples": ["9", 0], "vae": ["4", 0]}, "VAE Decode", [1500, 0]),
+           "11": node("SaveImage", {"images": ["10", 0], "filename_prefix": "drm/best_of_batch"}, "Save", [1740, 0]),
+           "12": node("PreviewAny", {"source": ["8", 1]}, "Scores", [1260, 300])}),
+    "drm_lora_stepwise": base(
+        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 700]),
+           "7": node("LoraLoaderModelOnly", {"model": ["1", 0], "lora_name": "tiny-sd35-step-grpo.safetensors",
+                                             "strength_model": 1.0}, "Step-GRPO LoRA", [420, 0]),
+           "8": node("DRMStepwiseKSampler", {"model": ["7", 0], "steps": 8, "latent_image": ["6", 0], "denoise": 1.0,
+                                             **SAMPLING, **SEARCH}, "DRM Step-wise KSampler", [840, 0]),
+           "9": dict(score(["8", 0]), _meta={"title": "Score"}, pos=[1260, 0]),
+           "10": node("PreviewAny", {"source": ["9", 1]}, "Score", [1680, 0]),
+           "11": node("VAEDecode", {"samples": ["8", 0], "vae": ["4", 0]}, "VAE Decode", [1260, 420]),
+           "12": node("SaveImage", {"images": ["11", 0], "filename_prefix": "drm/lora_stepwise"}, "Save", [1500, 420])}),
+}
+
+
+def api_format(graph: dict) -> dict:
+    return {k: {key: v for key, v in n.items() if key != "pos"} for k, n in graph.items()}
+
+
+def widget_names(info: dict) -> list[tuple[str, bool]]:
+    """(input name, has a control_after_generate value) for each widget, in the frontend's order."""
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    names = []
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            spec = info["input"][section][name]
+            kind = spec[0]
+            if isinstance(kind, list) or kind in WIDGET_TYPES:
+                options = spec[1] if len(spec) > 1 else {}
+                names.append((name, bool(options.get("control_after_generate"))))
+    return names
+
+
+def link_inputs(info: dict) -> list[tuple[str, str]]:
+    """(input name, type) of the inputs that take links, in order."""
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    return [(name, info["input"][section][name][0]) for section in ("required", "optional")
+            for name in order.get(section, [])
+            if not (isinstance(info["input"][section][name][0], list) or info["input"][section][name][0] in WIDGET_TYPES)]
+
+
+def ui_format(graph: dict, object_info: dict) -> dict:
+    """The litegraph (UI) form of an API graph: nodes with slots and widget values, and the links."""
+    nodes, links = [], []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    for node_id, n in graph.items():
+        info = object_info[n["class_type"]]
+        inputs = []
+        for name, kind in link_inputs(info):
+            value = n["inputs"].get(name)
+            link = None
+            if isinstance(value, list):
+                link = len(links) + 1
+                src, slot = value
+                links.append([link, int(src), slot, int(node_id), len(inputs), kind])
+                out_links.setdefault((src, slot), []).append(link)
+            inputs.append({"name": name, "type": kind, "link": link})
+        widgets = []
+        for name, control in widget_names(info):
+            widgets.append(n["inputs"][name])
+            if control:
+                widgets.append("fixed")
+        nodes.append({"id": int(node_id), "type": n["class_type"], "pos": n["pos"], "size": [400, 130 + 26 * len(widgets)],
+                      "flags": {}, "order": len(nodes), "mode": 0, "inputs": inputs, "widgets_values": widgets,
+                      "properties": {"Node name for S&R": n["class_type"]}, "title": n["_meta"]["title"]})
+    for item in nodes:
+        info = object_info[item["type"]]
+        item["outputs"] = [{"name": name, "type": kind, "slot_index": i,
+                            "links": out_links.get((str(item["id"]), i), [])}
+                           for i, (name, kind) in enumerate(zip(info["output_name"], info["output"]))]
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def request(server: str, path: str, data: dict | None = None):
+    body = None if data is None else json.dumps(data).encode()
+    req = urllib.request.Request(server + path, data=body, headers={"Content-Type": "application/json"} if body else {})
+    with urllib.request.urlopen(req, timeout=600) as response:
+        raw = response.read()
+    return raw if path.startswith("/view") else json.loads(raw.decode() or "null")
+
+
+def run(server: str, workflow: dict) -> dict:
+    prompt_id = str(uuid.uuid4())
+    request(server, "/prompt", {"prompt": workflow, "client_id": str(uuid.uuid4()), "prompt_id": prompt_id})
+    while True:
+        entry = request(server, f"/history/{prompt_id}").get(prompt_id)
+        if entry:
+            if entry["status"]["status_str"] != "success":
+                raise RuntimeError(json.dumps(entry["status"], indent=1)[:3000])
+            return entry["outputs"]
+        time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default="http://127.0.0.1:8188")
+    parser.add_argument("--demo", type=Path, help="a finished `trainer demo` folder, for the README pictures")
+    args = parser.parse_args()
+    from PIL import Image
+
+    object_info = request(args.server, "/object_info")
+    pictures = REPO / "docs" / "images"
+    pictures.mkdir(parents=True, exist_ok=True)
+    for name, graph in WORKFLOWS.items():
+        api = api_format(graph)
+        (REPO / "workflows" / "api" / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n")
+        (REPO / "workflows" / f"{name}.json").write_text(json.dumps(ui_format(graph, object_info), indent=2) + "\n")
+        outputs = run(args.server, api)
+        images = [img for out in outputs.values() for img in out.get("images", [])]
+        for i, img in enumerate(images):
+            query = urllib.parse.urlencode({k: img[k] for k in ("filename", "subfolder", "type")})
+            data = request(args.server, f"/view?{query}")
+            target = pictures / f"{name}-{i}.png"
+            target.write_bytes(data)
+            if i == 0:
+                thumb = Image.open(target).convert("RGB")
+                thumb.thumbnail((256, 256))
+                thumb.save(REPO / "workflows" / f"{name}.jpg", quality=90)
+        print(f"{name}: {len(images)} image(s)")
+    if args.demo:
+        for source, target in (("grpo/reward_curve.png", "demo_reward_curve.png"), ("drm/curves.png", "demo_drm_curves.png"),
+                               ("grpo/eval/step0000.png", "demo_grid_before.png")):
+            shutil.copyfile(args.demo / source, pictures / target)
+        last = sorted((args.demo / "grpo" / "eval").glob("step*.png"))[-1]
+        shutil.copyfile(last, pictures / "demo_grid_after.png")
+
+
+if __name__ == "__main__":
+    main()
