@@ -8,17 +8,16 @@ model's weights), `full` (the kept blocks, final layer and head), `head` (only t
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import json
-import math
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from .config import ConfigError, field, to_dict
+from .config import ConfigError, field
+from .runs import append_csv, check_out_dir, load_checkpoint, save_checkpoint, stop_on_sigint, write_run_file
 
 BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 EVAL_SIGMAS_PER_BUCKET = 3
@@ -90,23 +89,7 @@ class DRMTrainConfig:
             raise ConfigError(f"holdout: expected a fraction in (0, 1), got {self.holdout}")
         if self.blocks < 0:
             raise ConfigError(f"blocks: expected >= 0, got {self.blocks}")
-        check_out_dir(self)
-
-
-def check_out_dir(cfg: DRMTrainConfig) -> None:
-    """Refuse to mix runs: an `out` holding another run needs --resume, and --resume needs the same run."""
-    run_file = Path(cfg.out) / "run.json"
-    if not run_file.is_file():
-        if cfg.resume:
-            raise ConfigError(f"resume: {cfg.out} holds no run to resume (no run.json)")
-        return
-    if not cfg.resume:
-        raise ConfigError(f"out: {cfg.out} already holds a run; pass --resume to continue it, or choose another --out")
-    saved = json.loads(run_file.read_text(encoding="utf-8"))
-    changed = sorted(k for k, v in to_dict(cfg).items() if k not in RESUMABLE and saved.get(k) != v)
-    if changed:
-        raise ConfigError(f"resume: the run in {cfg.out} used different settings for {changed}; "
-                          "resume with the same settings, or start a new --out")
+        check_out_dir(self, RESUMABLE)
 
 
 # ---- noise levels and evaluation ----
@@ -199,37 +182,19 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
 
 # ---- checkpoints ----
 
-def trainable_state(drm) -> dict[str, torch.Tensor]:
-    return {k: p.detach().cpu().clone() for k, p in drm.named_parameters() if p.requires_grad}
+def save_state(out: Path, drm, optimizer, scheduler, step: int) -> None:
+    """The trained parameters, optimizer, scheduler, step and RNG: everything --resume needs."""
+    save_checkpoint(out, {k: p for k, p in drm.named_parameters() if p.requires_grad},
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                     "torch_rng": torch.get_rng_state()})
 
 
-def save_checkpoint(out: Path, drm, optimizer, scheduler, step: int) -> None:
-    """Atomically: write into checkpoint.tmp, then replace checkpoint/."""
-    import shutil
-
-    from drm.checkpoint import atomic_save
-
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    atomic_save(trainable_state(drm), tmp / "trainable.safetensors", {"step": str(step)})
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-
-
-def load_checkpoint(out: Path, drm, optimizer, scheduler) -> int:
-    from drm.checkpoint import read_safetensors
-
-    tensors, _ = read_safetensors(out / "checkpoint" / "trainable.safetensors", what="checkpoint",
-                                  where="The run has no checkpoint yet: start it without --resume.")
+def load_state(out: Path, drm, optimizer, scheduler) -> int:
+    tensors, state = load_checkpoint(out)
     params = dict(drm.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
-    # Our own file, written by save_checkpoint; weights_only refuses anything but tensors and plain data.
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -283,21 +248,18 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     params = [p for p in drm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    step = load_checkpoint(out, drm, optimizer, scheduler) if cfg.resume else 0
+    step = load_state(out, drm, optimizer, scheduler) if cfg.resume else 0
     model, optimizer = accelerator.prepare(drm, optimizer)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
+        write_run_file(cfg)
 
     if cfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"batch_size: {cfg.batch_size} does not split over {accelerator.num_processes} processes")
     per_rank = cfg.batch_size // accelerator.num_processes
-    stop = {"now": False}
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
     metrics_file = out / "metrics.csv"
     last_eval: dict = {}
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="DRM")
-    try:
+    with stop_on_sigint() as stop, contextlib.closing(bar):
         while step < cfg.max_steps and not stop["now"]:
             # The same pairs, noise levels and noise for step `step` whatever the process count or resume point.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -329,12 +291,9 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{last_eval.get('eval_acc', float('nan')):.2f}")
                 if step % cfg.log_every == 0 or "eval_acc" in row:
-                    _append_csv(metrics_file, row)
+                    append_csv(metrics_file, row, COLUMNS)
             if step % cfg.save_every == 0 or stop["now"]:
                 _save(accelerator, out, model, optimizer, scheduler, step)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        bar.close()
     if stop["now"]:
         if accelerator.is_main_process:
             print(f"Interrupted at step {step}; a checkpoint is saved. Continue with --resume.")
@@ -351,18 +310,10 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
 def _save(accelerator, out, model, optimizer, scheduler, step) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step)
+        save_state(out, accelerator.unwrap_model(model), optimizer, scheduler, step)
 
 
-def _append_csv(path: Path, row: dict) -> None:
-    columns = ["step", "loss", "train_acc", "lr", "eval_acc"] + [
-        f"acc_sigma_{low:.2f}_{high:.2f}" for low, high in BUCKETS]
-    new = not path.exists()
-    with path.open("a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and not math.isnan(v) else v) for k, v in row.items()})
+COLUMNS = ["step", "loss", "train_acc", "lr", "eval_acc"] + [f"acc_sigma_{low:.2f}_{high:.2f}" for low, high in BUCKETS]
 
 
 def encode_records(cfg: DRMTrainConfig, base, records):

@@ -12,7 +12,6 @@ import contextlib
 import csv
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, field, to_dict
+from .runs import append_csv, check_out_dir, load_checkpoint, save_checkpoint, stop_on_sigint, write_run_file
 
 RESUMABLE = {"iterations", "eval_every", "save_every", "resume", "peft_export"}
 
@@ -103,7 +103,7 @@ class GRPOConfig:
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema: expected 0 <= ema < 1, got {self.ema}")
         check_drm_fits_base(self.drm, self.base)
-        check_out_dir(self)
+        check_out_dir(self, RESUMABLE)
 
 
 def _header_shapes(path: str) -> dict[str, list[int]]:
@@ -127,20 +127,6 @@ def check_drm_fits_base(drm_path: str, base_path: str) -> None:
         if key in drm and prefix + key in base and drm[key] != base[prefix + key]:
             raise ConfigError(f"drm: {Path(drm_path).name} does not fit the base model ({what}: {key} is "
                               f"{drm[key]} in the DRM, {base[prefix + key]} in the base); use a DRM trained for it")
-
-
-def check_out_dir(cfg: GRPOConfig) -> None:
-    run_file = Path(cfg.out) / "run.json"
-    if not run_file.is_file():
-        if cfg.resume:
-            raise ConfigError(f"resume: {cfg.out} holds no run to resume (no run.json)")
-        return
-    if not cfg.resume:
-        raise ConfigError(f"out: {cfg.out} already holds a run; pass --resume to continue it, or choose another --out")
-    saved = json.loads(run_file.read_text(encoding="utf-8"))
-    changed = sorted(k for k, v in to_dict(cfg).items() if k not in RESUMABLE and saved.get(k) != v)
-    if changed:
-        raise ConfigError(f"resume: the run in {cfg.out} used different settings for {changed}")
 
 
 def trained_steps(cfg: GRPOConfig, iteration: int) -> set[int]:
@@ -248,29 +234,13 @@ def export_lora(lora, cfg: GRPOConfig, base_name: str, iteration: int, path: Pat
                     lora_metadata(cfg, base_name, iteration))
 
 
-def save_checkpoint(out: Path, lora, ema, optimizer, iteration: int) -> None:
-    import shutil
-
-    from drm.checkpoint import atomic_save
-
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    atomic_save({k: v.detach().cpu().contiguous() for k, v in lora.state_dict().items()}, tmp / "lora.safetensors",
-                {"iteration": str(iteration)})
-    torch.save({"optimizer": optimizer.state_dict(), "iteration": iteration, "ema": ema}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+def save_state(out: Path, lora, ema, optimizer, iteration: int) -> None:
+    save_checkpoint(out, lora.state_dict(), {"optimizer": optimizer.state_dict(), "iteration": iteration, "ema": ema})
 
 
-def load_checkpoint(out: Path, lora, optimizer) -> tuple[int, list | None]:
-    from drm.checkpoint import read_safetensors
-
-    tensors, _ = read_safetensors(out / "checkpoint" / "lora.safetensors", what="checkpoint",
-                                  where="The run has no checkpoint yet: start it without --resume.")
+def load_state(out: Path, lora, optimizer) -> tuple[int, list | None]:
+    tensors, state = load_checkpoint(out)
     lora.load_state_dict(tensors)
-    # Our own file, written by save_checkpoint; weights_only refuses anything but tensors and plain data.
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     return state["iteration"], state["ema"]
 
@@ -312,12 +282,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
 
     params = list(policy.lora.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    iteration, ema = load_checkpoint(out, policy.lora, optimizer) if cfg.resume else (0, None)
+    iteration, ema = load_state(out, policy.lora, optimizer) if cfg.resume else (0, None)
     if cfg.ema and ema is None:
         ema = [p.detach().clone() for p in params]
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
+        write_run_file(cfg)
 
     def reward(x, sigma, rows):
         return drm.score(x, sigma, cond.context[rows], cond.pooled[rows])
@@ -332,15 +301,13 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     per_rank = cfg.batch_size // world
     positions = range(rank * per_rank, (rank + 1) * per_rank)
     metrics_file = out / "metrics.csv"
-    stop = {"now": False}
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
     last: dict = {}
     if iteration == 0:
         last = {"iteration": 0, "eval_reward": run_eval("step0000")}
         if accelerator.is_main_process:
-            _append_csv(metrics_file, last)
+            append_csv(metrics_file, last, COLUMNS)
     bar = tqdm(total=cfg.iterations, initial=iteration, disable=not accelerator.is_main_process, desc=cfg.algorithm)
-    try:
+    with stop_on_sigint() as stop, contextlib.closing(bar):
         while iteration < cfg.iterations and not stop["now"]:
             start_time = time.perf_counter()
             forwards_before = policy_forward_rows(policy, drm)
@@ -389,14 +356,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 row["eval_reward"] = run_eval(f"step{iteration:04d}")
             last = row
             if accelerator.is_main_process:
-                _append_csv(metrics_file, row)
+                append_csv(metrics_file, row, COLUMNS)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
             if iteration % cfg.save_every == 0 or stop["now"]:
                 _save(accelerator, out, policy, ema, params, optimizer, iteration, cfg, base.name)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        bar.close()
     if stop["now"]:
         if accelerator.is_main_process:
             print(f"Interrupted at iteration {iteration}; a checkpoint is saved. Continue with --resume.")
@@ -436,7 +400,7 @@ def swapped_in(params, ema):
 
 def _save(accelerator, out, policy, ema, params, optimizer, iteration, cfg, base_name) -> None:
     if accelerator.is_main_process:
-        save_checkpoint(out, policy.lora, ema, optimizer, iteration)
+        save_state(out, policy.lora, ema, optimizer, iteration)
         with swapped_in(params, ema):
             export_lora(policy.lora, cfg, base_name, iteration, out / "loras" / f"{base_name}-{iteration:05d}.safetensors")
     accelerator.wait_for_everyone()
@@ -444,13 +408,3 @@ def _save(accelerator, out, policy, ema, params, optimizer, iteration, cfg, base
 
 COLUMNS = ["iteration", "reward", "eval_reward", "loss", "ratio", "clip_frac", "kl", "seconds", "model_rows",
            "drm_rows"]
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

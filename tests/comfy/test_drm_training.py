@@ -156,8 +156,8 @@ def test_two_processes_match_one(files):
                              "-m", "trainer", *cli(files, two, *common)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    a = load_file(str(one / "checkpoint" / "trainable.safetensors"))
-    b = load_file(str(two / "checkpoint" / "trainable.safetensors"))
+    a = load_file(str(one / "checkpoint" / "weights.safetensors"))
+    b = load_file(str(two / "checkpoint" / "weights.safetensors"))
     assert a.keys() == b.keys()
     # Adam turns all-reduce rounding into at most a fraction of one learning-rate step per weight.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
