@@ -70,8 +70,11 @@ def test_lora_file_has_comfy_keys_alpha_and_training_facts(demo):
     assert meta["drm.reward_model"].startswith("drm-tiny-sd35")
 
 
-def test_stock_lora_loader_loads_every_key_at_the_trained_strength(demo, caplog):
-    """LoraLoaderModelOnly: no 'lora key not loaded', output moves with strength, and strength 1 is the policy."""
+def test_stock_lora_loader_loads_every_key_at_the_trained_strength(demo, tmp_path, caplog):
+    """LoraLoaderModelOnly: no 'lora key not loaded', output moves with strength, and strength 1 is the policy.
+
+    The LoRA is trained with alpha != rank (scale 2), so a file that loses alpha shows up as a mismatch.
+    """
     import comfy.sd
     import folder_paths
 
@@ -80,9 +83,10 @@ def test_stock_lora_loader_loads_every_key_at_the_trained_strength(demo, caplog)
     from drm.lora import LoRA
     from trainer.policy import Policy
 
-    root = demo[0]
-    folder_paths.add_model_folder_path("loras", str(root / "grpo"), is_default=True)
-    model = comfy.sd.load_diffusion_model(str(root / "models" / "tiny-sd35.safetensors"))
+    assert run(grpo_cli(demo[0], tmp_path / "run", "--iterations", "2", "--eval-every", "100")) == 0
+    lora_file = tmp_path / "run" / "tiny-sd35-step-grpo.safetensors"
+    folder_paths.add_model_folder_path("loras", str(lora_file.parent), is_default=True)
+    model = comfy.sd.load_diffusion_model(str(demo[0] / "models" / "tiny-sd35.safetensors"))
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.7, 0.7])
     context, pooled = torch.randn(2, 8, 4096), torch.randn(2, 2048)
@@ -96,24 +100,22 @@ def test_stock_lora_loader_loads_every_key_at_the_trained_strength(demo, caplog)
     outputs = {}
     with caplog.at_level(logging.WARNING):
         for strength in (0.0, 0.5, 1.0):
-            (patched,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(
-                model, "tiny-sd35-step-grpo.safetensors", strength)
+            (patched,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora_file.name, strength)
             outputs[strength] = predict(patched)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
     assert (outputs[0.5] - outputs[0.0]).abs().max() > 1e-6
     assert (outputs[1.0] - outputs[0.5]).abs().max() > 1e-6
 
-    # The trainer's own forward (LoRA through hooks, scale alpha / rank) gives what ComfyUI computes.
-    base = comfy.sd.load_diffusion_model(str(root / "models" / "tiny-sd35.safetensors"))
-    policy = Policy(base, rank=8, alpha=8.0, include_mlp=False, device="cpu", seed=0)
-    trained = LoRA.from_state_dict_comfy(read_safetensors(root / "grpo" / "tiny-sd35-step-grpo.safetensors")[0])
+    # The trainer's own forward (LoRA through hooks, scale alpha / rank = 2) gives what ComfyUI computes.
+    base = comfy.sd.load_diffusion_model(str(demo[0] / "models" / "tiny-sd35.safetensors"))
+    policy = Policy(base, rank=4, alpha=8.0, include_mlp=False, device="cpu", seed=0)
+    trained = LoRA.from_state_dict_comfy(read_safetensors(lora_file)[0])
     assert sorted(trained.paths) == sorted(policy.lora.paths)
     with torch.no_grad():
         for i, path in enumerate(policy.lora.paths):
             j = trained.paths.index(path)
             policy.lora.down[i].copy_(trained.down[j])
             policy.lora.up[i].copy_(trained.up[j])
-    with torch.no_grad():
         assert torch.allclose(policy.predict(x, sigma, context, pooled), outputs[1.0], atol=1e-4, rtol=0)
 
 
