@@ -4,7 +4,7 @@
 
 Everything runs side by side in one process on random-weight SD3.5-architecture models:
 - ratio: step-wise sampling at K = 1, 2, 4, 6 over ComfyUI's plain KSampler (euler), same steps
-  (K = 1 is plain SDE sampling through this pack's sampler: it shows the search's own overhead);
+  (K = 1 is plain SDE sampling through this pack's sampler; it still scores each step for the trace);
 - efficiency: measured time / (steps * T_model + branching_steps * K * T_drm), where T_model is one
   CFG model call (cond and uncond in one batch) and T_drm one DRM call on one latent, both timed alone.
   1.00 means no time is spent beyond the forward passes the method needs (target <= 1.05).
@@ -109,7 +109,7 @@ def main() -> None:
     print(f"single calls: T_model (CFG, batch 2) {t_model * 1e3:.1f} ms, T_drm (batch 1) {t_drm * 1e3:.1f} ms")
     print(f"{'sampler':>14}  {'time s':>7}  {'ratio':>5}  {'paper':>5}  {'efficiency':>10}")
     for k, seconds in measured.items():
-        predicted = args.steps * t_model + (branching_steps * k * t_drm if k > 1 else 0.0)
+        predicted = args.steps * t_model + branching_steps * k * t_drm
         paper = f"{PAPER_RATIOS[k]:5.2f}" if k in PAPER_RATIOS else "    -"
         name = "KSampler euler" if k == 0 else f"step-wise K={k}"
         print(f"{name:>14}  {seconds:7.3f}  {seconds / measured[0]:5.2f}  {paper}  {seconds / predicted:10.3f}")

@@ -17,8 +17,8 @@ def search_inputs() -> list:
     return [
         DRMModel.Input("drm", tooltip="The reward model, from DRM Loader. It scores candidates with the positive prompt."),
         io.Int.Input("branches", default=4, min=1, max=64,
-                     tooltip="K: candidates drawn per step; the DRM keeps the best. 1 means plain SDE sampling. "
-                             "Each extra branch costs one DRM call per step."),
+                     tooltip="K: candidates drawn per step; the DRM keeps the best. 1 means plain SDE sampling, "
+                             "still scored for the reward trace. Each branch costs one DRM call per step."),
         io.Float.Input("eta", default=0.7, min=0.0, max=2.0, step=0.05,
                        tooltip="SDE noise level a. 0 makes every candidate identical (Euler); 0.7 is Flow-GRPO's value."),
         io.Combo.Input("mode", options=list(MODES), default="greedy",
