@@ -92,8 +92,10 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
     print("\n[3/3] In ComfyUI: the LoRA through ComfyUI's LoRA loader, plain sampling vs DRM step-wise search")
     model = comfy.sd.load_diffusion_model(str(base))
     drm = load_drm(drm_file, base_model=model)
-    positive, negative = conds[0], [[torch.zeros(1, 8, 4096), {"pooled_output": torch.zeros(1, 2048)}]]
-    latent = torch.zeros(4, 16, 8, 8)
+    # One latent per training prompt, so the table measures what the trainer's eval measures.
+    positive = [[prompts.context, {"pooled_output": prompts.pooled}]]
+    negative = [[prompts.negative_context, {"pooled_output": prompts.negative_pooled}]]
+    latent = torch.zeros(len(prompts.texts), 16, 8, 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     sigmas = schedule_sigmas(model.get_model_object("model_sampling"), "simple", 6)
     lora = comfy.utils.load_torch_file(str(lora_file), safe_load=True)
