@@ -175,6 +175,12 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
         drm = build_drm(state, blocks, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
         drm.requires_grad_(cfg.mode == "full")
         drm.reward_output.requires_grad_(True)
+        # The text tokens leaving the last kept block feed nothing, so the layers that make them get no
+        # gradient; DDP refuses trainable parameters without one.
+        last = drm.backbone.joint_blocks[blocks - 1].context_block
+        if not last.pre_only:
+            last.attn.proj.requires_grad_(False)
+            last.mlp.requires_grad_(False)
     drm.reward_output.mlp[2].p = cfg.head_dropout
     drm.checkpointing = cfg.grad_checkpointing
     return drm.to(device), blocks

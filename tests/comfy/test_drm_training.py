@@ -144,12 +144,13 @@ def test_sigint_saves_a_resumable_checkpoint(files):
     assert metrics(out)[-1]["step"] == str(step + 2)
 
 
-def test_two_processes_match_one(files):
+@pytest.mark.parametrize("mode", ["adapter", "full"])
+def test_two_processes_match_one(files, mode):
     """torchrun with 2 CPU (gloo) processes and the same global batch gives the same weights as 1 process."""
     from safetensors.torch import load_file
 
-    common = ("--max-steps", "4", "--head-dropout", "0", "--eval-every", "4", "--log-every", "1")
-    one, two = files / "one-proc", files / "two-procs"
+    common = ("--mode", mode, "--max-steps", "4", "--head-dropout", "0", "--eval-every", "4", "--log-every", "1")
+    one, two = files / f"one-proc-{mode}", files / f"two-procs-{mode}"
     assert run(cli(files, one, *common)) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -159,9 +160,12 @@ def test_two_processes_match_one(files):
     a = load_file(str(one / "checkpoint" / "weights.safetensors"))
     b = load_file(str(two / "checkpoint" / "weights.safetensors"))
     assert a.keys() == b.keys()
-    # Adam turns all-reduce rounding into at most a fraction of one learning-rate step per weight.
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
-    assert [float(r["loss"]) for r in metrics(one)] == pytest.approx([float(r["loss"]) for r in metrics(two)], abs=1e-5)
+    # Losses agree to about 1e-5 of their 0.69; full mode's millions of weights add up the rounding below.
+    assert [float(r["loss"]) for r in metrics(one)] == pytest.approx([float(r["loss"]) for r in metrics(two)], abs=5e-5)
+    # Adam divides each gradient element by its own size, so all-reduce rounding on a near-zero gradient can
+    # move that weight by up to a learning-rate step (1e-3) per step; nearly all weights agree far closer.
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diff.max() < 2e-3 and (diff > 1e-4).float().mean() < 0.01
 
 
 def test_bad_resolution_is_refused_before_loading(files, tmp_path, capsys):
