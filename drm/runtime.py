@@ -101,7 +101,7 @@ class LoadedDRM:
     def score(self, x: torch.Tensor, sigma: torch.Tensor | float, context: torch.Tensor,
               pooled: torch.Tensor) -> torch.Tensor:
         """Scores [B] (float32, on x's device) of model-space latents x at noise level sigma."""
-        comfy.model_management.load_models_gpu([self.patcher] + self._base_to_load())
+        self._ensure_loaded()
         device = self.patcher.load_device
         self.scored_rows += x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32).flatten().expand(x.shape[0])
@@ -110,6 +110,17 @@ class LoadedDRM:
             scores = self.model(x.to(device, self.dtype), timesteps.to(device, self.dtype),
                                 context.to(device, self.dtype), pooled.to(device, self.dtype))
         return scores.float().to(x.device)
+
+    def _ensure_loaded(self) -> None:
+        """Load the DRM (and an adapter's base) unless already loaded.
+
+        Scoring runs once per sampling step; calling load_models_gpu every time would ask ComfyUI to
+        free inference memory each time, which on a full GPU unloads part of the running generator.
+        """
+        wanted = [self.patcher] + self._base_to_load()
+        loaded = [m.model for m in comfy.model_management.current_loaded_models]
+        if any(all(patcher is not m for m in loaded) for patcher in wanted):
+            comfy.model_management.load_models_gpu(wanted)
 
     def _base_to_load(self) -> list:
         """The generator's patcher, unless some clone of it already holds the weights on the device.

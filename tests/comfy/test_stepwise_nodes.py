@@ -128,14 +128,32 @@ def test_noise_mask_is_refused(nodes_mod, drm, setup):
         stepwise(nodes_mod, drm, setup, latent)
 
 
-def test_drm_for_another_context_width_is_refused(pack, setup):
+def narrowed_drm(pack, key: str, width: int):
+    """A tiny DRM whose text input `key` reads `width` features instead of the MODEL's."""
     from drm.tiny import tiny_drm_state_dict, tiny_generator_state_dict
 
     sd = tiny_drm_state_dict(tiny_generator_state_dict())
-    sd["context_embedder.weight"] = sd["context_embedder.weight"][:, :2048].contiguous()
-    narrow = pack.drm.runtime.LoadedDRM(pack.drm.model.build_drm(sd, blocks=1))
-    with pytest.raises(ValueError, match="text context is 4096 wide but the DRM's is 2048"):
-        pack.drm.stepwise.check_fits(narrow, setup["model"])
+    sd[key] = sd[key][:, :width].contiguous()
+    return pack.drm.runtime.LoadedDRM(pack.drm.model.build_drm(sd, blocks=1))
+
+
+@pytest.mark.parametrize("key, message", [
+    ("context_embedder.weight", "text context is 4096 wide but the DRM's is 2048"),
+    ("y_embedder.mlp.0.weight", "pooled text embedding is 2048 wide but the DRM's is 1024"),
+])
+def test_drm_for_other_text_widths_is_refused_by_both_nodes(nodes_mod, pack, setup, key, message):
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as custom
+
+    narrow = narrowed_drm(pack, key, 2048 if key.startswith("context") else 1024)
+    with pytest.raises(ValueError, match=message):
+        stepwise(nodes_mod, narrow, setup, empty())
+    sampler = nodes_mod.stepwise.SamplerDRMStepwise.execute(narrow, 2, 0.7, "greedy", 2, 1.0, 0, -1).args[0]
+    guider = comfy.samplers.CFGGuider(setup["model"])
+    guider.set_conds(setup["positive"], setup["negative"])
+    sigmas = pack.drm.stepwise.schedule_sigmas(setup["model"].get_model_object("model_sampling"), "simple", STEPS)
+    with pytest.raises(ValueError, match=message):
+        custom.SamplerCustomAdvanced().sample(custom.Noise_RandomNoise(7), guider, sampler, sigmas, empty())
 
 
 def test_drm_for_another_latent_space_is_refused(pack, drm):
@@ -164,3 +182,20 @@ def test_cancel_stops_sampling(nodes_mod, drm, setup):
         drm.score = original
         mm.interrupt_current_processing(False)
     assert len(scored) == 1
+
+
+def test_scoring_does_not_reload_models_every_step(nodes_mod, drm, setup, monkeypatch):
+    """ComfyUI loads the model and the DRM once before sampling; each step's scoring must not ask again
+    (every load_models_gpu call frees inference memory, which on a full GPU evicts the generator)."""
+    import comfy.model_management as mm
+
+    calls = []
+    original = mm.load_models_gpu
+
+    def counting(models, *args, **kwargs):
+        calls.append(list(models))
+        return original(models, *args, **kwargs)
+
+    monkeypatch.setattr(mm, "load_models_gpu", counting)
+    stepwise(nodes_mod, drm, setup, empty())
+    assert len(calls) == 1 and drm.patcher in calls[0]
