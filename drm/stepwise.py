@@ -56,10 +56,16 @@ def check_fits(drm: LoadedDRM, model_patcher) -> None:
     if latent_format.latent_channels != drm.model.in_channels:
         raise ValueError(f"the MODEL makes {latent_format.latent_channels}-channel latents but the DRM reads "
                          f"{drm.model.in_channels}; use a DRM trained for this model family (SD3 / SD3.5).")
-    context_dim = getattr(model_patcher.model.diffusion_model.context_embedder, "in_features", None)
+    mmdit = model_patcher.model.diffusion_model
+    context_dim = getattr(getattr(mmdit, "context_embedder", None), "in_features", None)
     if context_dim is not None and context_dim != drm.model.context_dim:
         raise ValueError(f"the MODEL's text context is {context_dim} wide but the DRM's is {drm.model.context_dim}; "
                          "use a DRM trained for this model family.")
+    y_embedder = getattr(mmdit, "y_embedder", None)
+    pooled_dim = None if y_embedder is None else y_embedder.mlp[0].in_features
+    if pooled_dim is not None and pooled_dim != drm.model.pooled_dim:
+        raise ValueError(f"the MODEL's pooled text embedding is {pooled_dim} wide but the DRM's is "
+                         f"{drm.model.pooled_dim}; use a DRM trained for this model family.")
 
 
 def schedule_sigmas(model_sampling, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
@@ -78,8 +84,10 @@ def stepwise_ksampler(drm: LoadedDRM, trace: RewardTrace | None = None, **search
         if (extra_args or {}).get("denoise_mask") is not None:
             raise ValueError("the latent has a noise mask (inpainting); step-wise sampling does not support masks. "
                              "Remove the mask (e.g. drop SetLatentNoiseMask) or use a plain sampler.")
+        guider = model.inner_model
+        check_fits(drm, guider.model_patcher)
         drm.check_latent(x, "latent being sampled")
-        context, pooled = positive_conditioning(model.inner_model)
+        context, pooled = positive_conditioning(guider)
 
         def reward_fn(candidates, sigma_next, parent_index):
             # ComfyUI tiles a shorter conditioning batch over the latents: row r uses prompt r % n.

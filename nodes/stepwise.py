@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..drm.plots import reward_trace_image
 from ..drm.search import MODES
-from ..drm.stepwise import RewardTrace, check_fits, schedule_sigmas, stepwise_ksampler
+from ..drm.stepwise import RewardTrace, schedule_sigmas, stepwise_ksampler
 from .types import DRMModel
 
 
@@ -80,7 +80,6 @@ class DRMStepwiseKSampler(io.ComfyNode):
         if "noise_mask" in latent_image:
             raise ValueError("latent_image has a noise mask (inpainting); step-wise sampling does not support masks. "
                              "Remove SetLatentNoiseMask or use KSampler.")
-        check_fits(drm, model)
         trace = RewardTrace()
         sampler = stepwise_ksampler(drm, trace, **search_options(branches, eta, mode, beam_width, temperature,
                                                                   window_start, window_end))
