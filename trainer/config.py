@@ -12,8 +12,6 @@ import types
 import typing
 from pathlib import Path
 
-import tomllib
-
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the field."""
@@ -82,6 +80,11 @@ def load_config(cls, args: argparse.Namespace):
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"config: file {path} does not exist")
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the nodes and flags work, TOML files need 3.11
+            raise ConfigError("config: reading a TOML file needs Python 3.11 or newer; pass the settings as "
+                              "flags instead") from None
         try:
             values = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:

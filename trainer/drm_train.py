@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from .config import ConfigError, field
-from .runs import append_csv, check_out_dir, load_checkpoint, save_checkpoint, stop_on_sigint, write_run_file
+from .runs import append_csv, check_out_dir, load_checkpoint, save_checkpoint, stop_on_signals, write_run_file
 
 BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 EVAL_SIGMAS_PER_BUCKET = 3
@@ -189,10 +189,10 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
 # ---- checkpoints ----
 
 def save_state(out: Path, drm, optimizer, scheduler, step: int) -> None:
-    """The trained parameters, optimizer, scheduler, step and RNG: everything --resume needs."""
+    """The trained parameters, optimizer, scheduler and step: everything --resume needs (each step seeds
+    its own randomness from (seed, step), so there is no RNG state to keep)."""
     save_checkpoint(out, {k: p for k, p in drm.named_parameters() if p.requires_grad},
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                     "torch_rng": torch.get_rng_state()})
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step})
 
 
 def load_state(out: Path, drm, optimizer, scheduler) -> int:
@@ -203,7 +203,6 @@ def load_state(out: Path, drm, optimizer, scheduler) -> int:
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
     return state["step"]
 
 
@@ -232,6 +231,8 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
+    if cfg.batch_size % accelerator.num_processes:
+        raise ConfigError(f"batch_size: {cfg.batch_size} does not split over {accelerator.num_processes} processes")
     autocast = cfg.precision == "bf16" and device.type == "cuda"
     out = Path(cfg.out)
     # The data is read (not yet encoded) first, so a bad file fails before any model loads.
@@ -259,16 +260,17 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     if accelerator.is_main_process:
         write_run_file(cfg)
 
-    if cfg.batch_size % accelerator.num_processes:
-        raise ConfigError(f"batch_size: {cfg.batch_size} does not split over {accelerator.num_processes} processes")
     per_rank = cfg.batch_size // accelerator.num_processes
     metrics_file = out / "metrics.csv"
     last_eval: dict = {}
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="DRM")
-    with stop_on_sigint() as stop, contextlib.closing(bar):
-        while step < cfg.max_steps and not stop["now"]:
+    stopping = False
+    with stop_on_signals() as stop_request, contextlib.closing(bar):
+        while step < cfg.max_steps and not stopping:
             # The same pairs, noise levels and noise for step `step` whatever the process count or resume point.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            # The head's dropout draws from the global RNG (CUDA's on a GPU): seed it per step and rank too.
+            torch.manual_seed(cfg.seed * 1_000_003 + step + 7_919 * (1 + accelerator.process_index))
             epoch_order = torch.randperm(len(train), generator=torch.Generator().manual_seed(
                 cfg.seed + (step * cfg.batch_size) // len(train)))
             start = (step * cfg.batch_size) % len(train)
@@ -298,9 +300,10 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{last_eval.get('eval_acc', float('nan')):.2f}")
                 if step % cfg.log_every == 0 or "eval_acc" in row:
                     append_csv(metrics_file, row, COLUMNS)
-            if step % cfg.save_every == 0 or stop["now"]:
+            stopping = stop_request.agreed(accelerator)
+            if step % cfg.save_every == 0 or stopping:
                 _save(accelerator, out, model, optimizer, scheduler, step)
-    if stop["now"]:
+    if stopping:
         if accelerator.is_main_process:
             print(f"Interrupted at step {step}; a checkpoint is saved. Continue with --resume.")
         return last_eval

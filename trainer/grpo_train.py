@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, field, to_dict
-from .runs import append_csv, check_out_dir, load_checkpoint, save_checkpoint, stop_on_sigint, write_run_file
+from .runs import append_csv, check_out_dir, load_checkpoint, save_checkpoint, stop_on_signals, write_run_file
 
 RESUMABLE = {"iterations", "eval_every", "save_every", "resume", "peft_export"}
 
@@ -307,8 +307,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         if accelerator.is_main_process:
             append_csv(metrics_file, last, COLUMNS)
     bar = tqdm(total=cfg.iterations, initial=iteration, disable=not accelerator.is_main_process, desc=cfg.algorithm)
-    with stop_on_sigint() as stop, contextlib.closing(bar):
-        while iteration < cfg.iterations and not stop["now"]:
+    stopping = False
+    with stop_on_signals() as stop_request, contextlib.closing(bar):
+        while iteration < cfg.iterations and not stopping:
             start_time = time.perf_counter()
             forwards_before = policy_forward_rows(policy, drm)
             totals: dict[str, float] = {}
@@ -359,9 +360,10 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 append_csv(metrics_file, row, COLUMNS)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
-            if iteration % cfg.save_every == 0 or stop["now"]:
+            stopping = stop_request.agreed(accelerator)
+            if iteration % cfg.save_every == 0 or stopping:
                 _save(accelerator, out, policy, ema, params, optimizer, iteration, cfg, base.name)
-    if stop["now"]:
+    if stopping:
         if accelerator.is_main_process:
             print(f"Interrupted at iteration {iteration}; a checkpoint is saved. Continue with --resume.")
         return last

@@ -1,5 +1,5 @@
 """What both trainers do around their loops: one run per output folder, resumable checkpoints,
-a metrics CSV, and Ctrl-C that stops after the current step instead of losing it."""
+a metrics CSV, and Ctrl-C (or SIGTERM) that stops after the current step instead of losing it."""
 
 from __future__ import annotations
 
@@ -17,50 +17,74 @@ from .config import ConfigError, to_dict
 
 
 def check_out_dir(cfg, resumable: set[str]) -> None:
-    """An `out` holding another run needs --resume, and --resume needs the same settings (but `resumable`)."""
-    run_file = Path(cfg.out) / "run.json"
+    """An `out` holding another run needs --resume, and --resume needs the same settings (but `resumable`).
+
+    A run that stopped before its first checkpoint left nothing to continue; a new run may start over it.
+    """
+    out = Path(cfg.out)
+    run_file = out / "run.json"
     if not run_file.is_file():
         if cfg.resume:
             raise ConfigError(f"resume: {cfg.out} holds no run to resume (no run.json)")
         return
     if not cfg.resume:
-        raise ConfigError(f"out: {cfg.out} already holds a run; pass --resume to continue it, or choose another --out")
+        if _checkpoint_dir(out) is not None:
+            raise ConfigError(f"out: {cfg.out} already holds a run; pass --resume to continue it, "
+                              "or choose another --out")
+        return
     saved = json.loads(run_file.read_text(encoding="utf-8"))
     changed = sorted(k for k, v in to_dict(cfg).items() if k not in resumable and saved.get(k) != v)
     if changed:
         raise ConfigError(f"resume: the run in {cfg.out} used different settings for {changed}; "
-                          "resume with the same settings, or start a new --out")
+                          f"resume with the same settings (only {sorted(resumable - {'resume'})} may change), "
+                          "or start a new --out")
 
 
 def write_run_file(cfg) -> None:
+    """Mark `out` as this run's. Starting over a run that never saved drops that run's metrics rows."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
+    run_file = out / "run.json"
+    if not cfg.resume and run_file.exists():
+        (out / "metrics.csv").unlink(missing_ok=True)
+    run_file.write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
 
 
 def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
     """`out/checkpoint/`: tensors as safetensors, optimizer and counters as a weights-only torch file.
 
-    Written into checkpoint.tmp first and then swapped in, so a crash leaves the previous checkpoint.
+    Written into checkpoint.tmp, then swapped in by renames: at every moment one complete checkpoint
+    exists (checkpoint/, or checkpoint.old/ between the two renames).
     """
     from drm.checkpoint import atomic_save
 
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     atomic_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "weights.safetensors", {})
     torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
+    if final.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_dir(out: Path) -> Path | None:
+    for candidate in (out / "checkpoint", out / "checkpoint.old"):
+        if (candidate / "state.pt").is_file():
+            return candidate
+    return None
 
 
 def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from drm.checkpoint import read_safetensors
 
-    tensors, _ = read_safetensors(out / "checkpoint" / "weights.safetensors", what="checkpoint",
+    directory = _checkpoint_dir(out) or out / "checkpoint"
+    tensors, _ = read_safetensors(directory / "weights.safetensors", what="checkpoint",
                                   where="The run has no checkpoint yet: start it without --resume.")
     # Our own file, written by save_checkpoint; weights_only refuses anything but tensors and plain data.
-    return tensors, torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    return tensors, torch.load(directory / "state.pt", weights_only=True)
 
 
 def append_csv(path: Path, row: dict, columns: list[str]) -> None:
@@ -73,12 +97,30 @@ def append_csv(path: Path, row: dict, columns: list[str]) -> None:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+class StopRequest:
+    """Set by Ctrl-C (SIGINT) or SIGTERM, which torchrun forwards and job schedulers send before a kill."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def agreed(self, accelerator) -> bool:
+        """True on every process once any process was asked, so all stop after the same step (one
+        collective per step; a rank that stopped alone would leave the others waiting in theirs)."""
+        asked = torch.tensor([float(self.asked)], device=accelerator.device)
+        return accelerator.reduce(asked, "sum").item() > 0
+
+
 @contextlib.contextmanager
-def stop_on_sigint() -> Iterator[dict]:
-    """While active, Ctrl-C sets flag["now"] instead of raising, so the loop can save and stop cleanly."""
-    flag = {"now": False}
-    previous = signal.signal(signal.SIGINT, lambda *_: flag.update(now=True))
+def stop_on_signals() -> Iterator[StopRequest]:
+    """While active, SIGINT and SIGTERM ask the loop to save and stop after the current step, instead of raising."""
+    request = StopRequest()
+
+    def ask(*_):
+        request.asked = True
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield flag
+        yield request
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -144,6 +144,28 @@ def test_sigint_saves_a_resumable_checkpoint(files):
     assert metrics(out)[-1]["step"] == str(step + 2)
 
 
+def test_ctrl_c_under_torchrun_saves_once_for_all_ranks(files):
+    """Ctrl-C reaches every process (and torchrun forwards it again): all ranks stop after the same step."""
+    out = files / "interrupted-two-procs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer",
+                             *cli(files, out, "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    output, _ = proc.communicate(timeout=120)
+    assert "Interrupted at step" in output, output[-3000:]
+    step = int(output.split("Interrupted at step ")[1].split(";")[0])
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == step
+    assert metrics(out)[-1]["step"] == str(step)
+    assert run(cli(files, out, "--max-steps", str(step + 1), "--resume", "--log-every", "1",
+                   "--eval-every", "100000")) == 0
+    assert metrics(out)[-1]["step"] == str(step + 1)
+
+
 @pytest.mark.parametrize("mode", ["adapter", "full"])
 def test_two_processes_match_one(files, mode):
     """torchrun with 2 CPU (gloo) processes and the same global batch gives the same weights as 1 process."""

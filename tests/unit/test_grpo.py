@@ -614,8 +614,11 @@ def test_validate_refuses_a_drm_that_does_not_fit_the_base(run_files, tmp_path, 
 
 
 def test_validate_refuses_an_out_dir_holding_another_run(run_files):
+    from trainer.runs import save_checkpoint
+
     Path(run_files["out"]).mkdir()
     (Path(run_files["out"]) / "run.json").write_text("{}", encoding="utf-8")
+    save_checkpoint(Path(run_files["out"]), {"w": torch.zeros(1)}, {"iteration": 1})
     with pytest.raises(ConfigError, match="^out: "):
         make_config(run_files).validate()
 

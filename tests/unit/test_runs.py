@@ -1,0 +1,90 @@
+"""trainer/runs.py: the output-folder rules, the checkpoint swap and the stop signals. Torch only."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.config import ConfigError
+from trainer.runs import check_out_dir, load_checkpoint, save_checkpoint, stop_on_signals, write_run_file
+
+RESUMABLE = {"max_steps", "resume"}
+
+
+@dataclass
+class Run:
+    out: str
+    lr: float = 1e-3
+    max_steps: int = 10
+    resume: bool = False
+
+
+def saved(out: Path, value: float) -> None:
+    save_checkpoint(out, {"w": torch.full((2,), value)}, {"step": int(value)})
+
+
+def test_a_new_folder_starts_and_resume_needs_a_run(tmp_path):
+    check_out_dir(Run(str(tmp_path / "new")), RESUMABLE)
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        check_out_dir(Run(str(tmp_path / "new"), resume=True), RESUMABLE)
+
+
+def test_a_folder_with_a_saved_run_needs_resume_with_the_same_settings(tmp_path):
+    write_run_file(Run(str(tmp_path)))
+    saved(tmp_path, 1)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        check_out_dir(Run(str(tmp_path)), RESUMABLE)
+    check_out_dir(Run(str(tmp_path), max_steps=20, resume=True), RESUMABLE)
+    with pytest.raises(ConfigError, match=r"different settings for \['lr'\].*only \['max_steps'\] may change"):
+        check_out_dir(Run(str(tmp_path), lr=1e-4, resume=True), RESUMABLE)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_started_over(tmp_path):
+    write_run_file(Run(str(tmp_path)))
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,0.7\n", encoding="utf-8")
+    check_out_dir(Run(str(tmp_path)), RESUMABLE)  # nothing saved, so nothing to lose
+    write_run_file(Run(str(tmp_path)))
+    assert not (tmp_path / "metrics.csv").exists()  # the aborted run's rows do not mix into the new run's
+
+
+def test_checkpoint_swap_keeps_one_complete_checkpoint(tmp_path):
+    saved(tmp_path, 1)
+    saved(tmp_path, 2)
+    tensors, state = load_checkpoint(tmp_path)
+    assert state["step"] == 2 and torch.equal(tensors["w"], torch.full((2,), 2.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    # A crash between the two renames leaves only checkpoint.old: it is still found, and still a run.
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    assert load_checkpoint(tmp_path)[1]["step"] == 2
+    write_run_file(Run(str(tmp_path)))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_out_dir(Run(str(tmp_path)), RESUMABLE)
+    saved(tmp_path, 3)
+    assert load_checkpoint(tmp_path)[1]["step"] == 3 and not (tmp_path / "checkpoint.old").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_ask_to_stop_and_handlers_come_back(sig):
+    before = signal.getsignal(sig)
+    with stop_on_signals() as request:
+        assert not request.asked
+        os.kill(os.getpid(), sig)
+        assert request.asked
+    assert signal.getsignal(sig) is before
+
+
+def test_stop_is_agreed_through_a_sum_over_processes():
+    class TwoProcesses:  # the other process was asked; this one was not
+        device = torch.device("cpu")
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "sum"
+            return tensor + 1
+
+    with stop_on_signals() as request:
+        assert request.agreed(TwoProcesses())
