@@ -155,11 +155,20 @@ class LoadedDRM:
                 progress(min(end, x.shape[0]), x.shape[0])
         return torch.cat(scores)
 
-    def schedule_sigma(self, steps: int, scheduler: str, step: int, model_sampling=None) -> float:
-        """Sigma after `step` of `steps` on a ComfyUI schedule (KSamplerAdvanced's end_at_step)."""
+    def schedule_sigma(self, steps: int, scheduler: str, step: int, model_sampling=None,
+                       sampler_name: str = "euler") -> float:
+        """Sigma after `step` of `steps` on a ComfyUI schedule (KSamplerAdvanced's end_at_step).
+
+        Some samplers (dpm_2, uni_pc, ...) run on a schedule one step longer with its second-to-last
+        sigma dropped, as ComfyUI's KSampler builds it; `sampler_name` selects that rule.
+        """
         if not 0 <= step <= steps:
             raise ValueError(f"step={step}: expected 0..steps ({steps}); step = steps means a clean latent.")
-        sigmas = comfy.samplers.calculate_sigmas(model_sampling or self.model_sampling, scheduler, steps)
+        discard_penultimate = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+        sigmas = comfy.samplers.calculate_sigmas(model_sampling or self.model_sampling, scheduler,
+                                                 steps + 1 if discard_penultimate else steps)
+        if discard_penultimate:
+            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
         return float(sigmas[step])
 
 

@@ -33,6 +33,9 @@ class DRMScoreLatent(io.ComfyNode):
                 io.Int.Input("step", default=20, min=0, max=10000,
                              tooltip="When position = schedule: the step the latent stopped at (end_at_step). "
                                      "step = steps is clean."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler", optional=True,
+                               tooltip="When position = schedule: the sampler that made the latent. A few (dpm_2, "
+                                       "uni_pc, ...) use a slightly different schedule. Absent means euler."),
                 io.Model.Input("model", optional=True,
                                tooltip="When position = schedule: the MODEL that sampled, so its sigma shift is used. "
                                        "Without it, SD3's shift 3.0."),
@@ -45,10 +48,11 @@ class DRMScoreLatent(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, drm, latent, positive, position, sigma, steps, scheduler, step, model=None) -> io.NodeOutput:
+    def execute(cls, drm, latent, positive, position, sigma, steps, scheduler, step, sampler_name="euler",
+                model=None) -> io.NodeOutput:
         if position == "schedule":
             sampling = model.get_model_object("model_sampling") if model is not None else None
-            sigma = drm.schedule_sigma(steps, scheduler, step, sampling)
+            sigma = drm.schedule_sigma(steps, scheduler, step, sampling, sampler_name)
         samples = latent["samples"]
         bar = comfy.utils.ProgressBar(samples.shape[0])
 

@@ -40,7 +40,7 @@ SEARCH = {"drm": ["5", 0], "branches": 4, "eta": 0.7, "mode": "greedy", "beam_wi
 
 def score(latent: list, **where) -> dict:
     inputs = {"drm": ["5", 0], "latent": latent, "positive": ["2", 0], "position": "sigma", "sigma": 0.0,
-              "steps": 20, "scheduler": "simple", "step": 20}
+              "steps": 20, "scheduler": "simple", "step": 20, "sampler_name": "euler"}
     inputs.update(where)
     return {"class_type": "DRMScoreLatent", "inputs": inputs}
 

@@ -69,9 +69,11 @@ def test_score_depends_on_prompt_and_noise_level(nodes_mod, drm, prompts):
     assert min(abs(a - b) for a, b in zip(clean, noisy)) > 1e-5
 
 
-def test_leftover_noise_latent_scores_like_the_sampler_x_t(nodes_mod, drm, prompts, tiny_generator):
+@pytest.mark.parametrize("sampler", ["euler", "dpm_2"])  # dpm_2 drops a sigma from a longer schedule
+def test_leftover_noise_latent_scores_like_the_sampler_x_t(nodes_mod, drm, prompts, tiny_generator, sampler):
     """KSamplerAdvanced leaves process_out(x_s / (1 - s)); scoring it must equal scoring x_s itself."""
     import comfy.sample
+    import comfy.samplers
 
     import nodes as comfy_nodes
 
@@ -79,7 +81,7 @@ def test_leftover_noise_latent_scores_like_the_sampler_x_t(nodes_mod, drm, promp
     positive, negative = prompts
     latent = {"samples": torch.zeros(2, 16, 16, 16)}
     steps, stop, seed = 6, 3, 42
-    (noisy,) = comfy_nodes.KSamplerAdvanced().sample(model, "enable", seed, steps, 2.0, "euler", "simple",
+    (noisy,) = comfy_nodes.KSamplerAdvanced().sample(model, "enable", seed, steps, 2.0, sampler, "simple",
                                                       positive, negative, latent, 0, stop, "enable")
     # The same run one step further: the callback sees the sampler's x at step `stop`, in model space.
     seen = {}
@@ -89,12 +91,12 @@ def test_leftover_noise_latent_scores_like_the_sampler_x_t(nodes_mod, drm, promp
             seen["x"] = x.clone()
 
     noise = comfy.sample.prepare_noise(latent["samples"], seed)
-    comfy.sample.sample(model, noise, steps, 2.0, "euler", "simple", positive, negative, latent["samples"],
+    comfy.sample.sample(model, noise, steps, 2.0, sampler, "simple", positive, negative, latent["samples"],
                         last_step=stop + 1, callback=callback, seed=seed)
 
     from_node, _, _ = score(nodes_mod, drm, noisy, positive, position="schedule", steps=steps, step=stop,
-                            model=model)
-    sigma = drm.schedule_sigma(steps, "simple", stop, model.get_model_object("model_sampling"))
+                            sampler_name=sampler, model=model)
+    sigma = float(comfy.samplers.KSampler(model, steps, "cpu", sampler=sampler, scheduler="simple").sigmas[stop])
     assert 0.1 < sigma < 0.9
     direct = drm.score(seen["x"], sigma, *drm.conditioning_tensors(positive, 2))
     assert torch.allclose(torch.tensor(from_node), direct, atol=1e-5, rtol=0)
