@@ -75,6 +75,10 @@ def main() -> None:
 
     start = statistics.mean(evals(rows)[0] for rows in runs["step-grpo"] + runs["grpo"])
     gains = {a: statistics.mean(evals(rows)[-1] for rows in rs) - start for a, rs in runs.items()}
+    if min(gains.values()) <= 0:
+        print(f"\nan algorithm did not improve on the start reward {start:+.4f} (gains {gains}): no shared target; "
+              "raise --iterations")
+        return
     target = start + 0.5 * min(gains.values())
     print(f"\nstart eval reward {start:+.4f}; mean final gain: step-grpo {gains['step-grpo']:+.4f}, "
           f"grpo {gains['grpo']:+.4f}; target {target:+.4f}")

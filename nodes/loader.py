@@ -15,7 +15,7 @@ class DRMLoader(io.ComfyNode):
             node_id="DRMLoader",
             display_name="DRM Loader",
             category="DRM",
-            description="Loads a DRM reward model (full or official format) from ComfyUI/models/drm.",
+            description="Loads a DRM reward model (adapter, full or official format) from ComfyUI/models/drm.",
             inputs=[
                 io.Combo.Input("drm_name", options=folder_paths.get_filename_list("drm"),
                                tooltip="DRM checkpoint (.safetensors) in ComfyUI/models/drm."),

@@ -331,4 +331,4 @@ def encode_records(cfg: DRMTrainConfig, base, records):
 
     return encode_pairs(records, base.vae, clip_prompt_encoder(base.clip), cfg.resolution,
                         cfg.cache_dir or Path(cfg.out) / "cache", on_bad_image=cfg.on_bad_image,
-                        vae_id=f"{base.name}-vae", text_encoder_id=f"{base.name}-text")
+                        vae_id=base.vae_id, text_encoder_id=base.text_encoder_id)

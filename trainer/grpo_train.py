@@ -268,8 +268,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     out = Path(cfg.out)
     base = load_base(cfg.base, cfg.vae, cfg.clip)
     cache = out / "cache"
-    bank = load_prompt_bank(cfg.prompts, base.clip, cache, f"{base.name}-text")
-    eval_bank = load_prompt_bank(cfg.eval_prompts, base.clip, cache, f"{base.name}-text") if cfg.eval_prompts else None
+    bank = load_prompt_bank(cfg.prompts, base.clip, cache, base.text_encoder_id)
+    eval_bank = load_prompt_bank(cfg.eval_prompts, base.clip, cache, base.text_encoder_id) if cfg.eval_prompts else None
     if eval_bank is None:
         keep = list(range(min(4, len(bank))))
         eval_bank = type(bank)([bank.texts[i] for i in keep], bank.context[keep], bank.pooled[keep],

@@ -24,6 +24,8 @@ class BaseModel:
     vae: object | None  # comfy.sd.VAE
     clip: object | None  # comfy.sd.CLIP
     name: str
+    vae_id: str = ""  # the files the VAE and text encoders came from, for the encoding cache's keys
+    text_encoder_id: str = ""
 
 
 def load_base(path: str, vae_path: str = "", clip_paths: list[str] | None = None, need_encoders: bool = False,
@@ -55,7 +57,14 @@ def load_base(path: str, vae_path: str = "", clip_paths: list[str] | None = None
     if need_encoders and (vae is None or clip is None):
         missing = " and ".join(n for n, v in (("a VAE (--vae)", vae), ("text encoders (--clip)", clip)) if v is None)
         raise BaseModelError(f"base: {file.name} has no VAE or text encoders, and image data needs them: pass {missing}.")
-    return BaseModel(model, vae, clip, file.stem)
+    return BaseModel(model, vae, clip, file.stem, vae_id=file_identity(Path(vae_path) if vae_path else file),
+                     text_encoder_id="+".join(file_identity(Path(p)) for p in (clip_paths or [file])))
+
+
+def file_identity(path: Path) -> str:
+    """Name, size and modification time: a replaced or re-exported model file gets a new identity."""
+    stat = path.stat()
+    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _read(path: Path, what: str):

@@ -247,3 +247,17 @@ def test_gradient_checkpointing_gives_the_same_losses(files):
     assert run(cli(files, checkpointed, *common, "--grad-checkpointing")) == 0
     assert [float(r["loss"]) for r in metrics(checkpointed)] == pytest.approx(
         [float(r["loss"]) for r in metrics(plain)], abs=1e-6)
+
+
+def test_encoding_cache_identity_follows_the_vae_file(files, tmp_path):
+    """Latents cached with one --vae are not reused with another (the cache keys carry the VAE's file)."""
+    from drm.checkpoint import atomic_save
+    from trainer.models import load_base
+    from trainer.synthetic import tiny_vae_state_dict
+
+    for seed in (0, 1):
+        atomic_save(tiny_vae_state_dict(seed), tmp_path / f"vae{seed}.safetensors", {})
+    base = str(files / "tiny-sd35.safetensors")
+    ids = [load_base(base, vae_path=str(tmp_path / f"vae{seed}.safetensors")).vae_id for seed in (0, 1)]
+    assert ids[0] != ids[1] and ids[0].startswith("vae0.safetensors:")
+    assert load_base(base).vae_id.startswith("tiny-sd35.safetensors:")

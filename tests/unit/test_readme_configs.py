@@ -1,0 +1,31 @@
+"""The README's TOML examples name every trainer field, with values the config loader accepts."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from trainer.config import _convert, _field_types
+from trainer.drm_train import DRMTrainConfig
+from trainer.grpo_train import GRPOConfig
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+
+
+def readme_toml(name: str) -> dict:
+    match = re.search(rf"```toml\n# {name}:.*?\n(.*?)```", README, re.S)
+    assert match, f"README has no ```toml block starting with '# {name}:'"
+    return tomllib.loads(match.group(1))
+
+
+@pytest.mark.parametrize("name, cls", [("drm.toml", DRMTrainConfig), ("grpo.toml", GRPOConfig)])
+def test_readme_toml_is_complete_and_typed(name, cls):
+    values = readme_toml(name)
+    fields = {f.name for f in dataclasses.fields(cls)} - {"resume"}  # resume is a flag for the command line
+    assert set(values) == fields, f"missing {sorted(fields - set(values))}, unknown {sorted(set(values) - fields)}"
+    kinds = _field_types(cls)
+    cls(**{k: _convert(k, kinds[k], v) for k, v in values.items()})  # raises ConfigError on a mistyped value
