@@ -75,8 +75,8 @@ WORKFLOWS = {
            "10": dict(score(["9", 0]), _meta={"title": "Score the clean latent"}, pos=[840, 420]),
            "11": node("PreviewAny", {"source": ["8", 1]}, "Noisy scores", [1260, 0]),
            "12": node("PreviewAny", {"source": ["10", 1]}, "Clean scores", [1260, 420]),
-           "13": node("VAEDecode", {"samples": ["9", 0], "vae": ["4", 0]}, "VAE Decode", [1260, 640]),
-           "14": node("SaveImage", {"images": ["13", 0], "filename_prefix": "drm/score_midgraph"}, "Save", [1500, 640])}),
+           "13": node("VAEDecode", {"samples": ["9", 0], "vae": ["4", 0]}, "VAE Decode", [840, 760]),
+           "14": node("SaveImage", {"images": ["13", 0], "filename_prefix": "drm/score_midgraph"}, "Save", [1260, 760])}),
     "drm_stepwise_vs_ksampler": base(
         **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 700]),
            "7": node("KSampler", {"model": ["1", 0], "steps": 8, "sampler_name": "euler", "latent_image": ["6", 0],
@@ -98,8 +98,8 @@ WORKFLOWS = {
            "8": dict(score(["7", 0]), _meta={"title": "DRM Score Latent (sorts best first)"}, pos=[840, 0]),
            "9": node("LatentFromBatch", {"samples": ["8", 2], "batch_index": 0, "length": 1}, "Take the best",
                      [1260, 0]),
-           "10": node("VAEDecode", {"samples": ["9", 0], "vae": ["4", 0]}, "VAE Decode", [1500, 0]),
-           "11": node("SaveImage", {"images": ["10", 0], "filename_prefix": "drm/best_of_batch"}, "Save", [1740, 0]),
+           "10": node("VAEDecode", {"samples": ["9", 0], "vae": ["4", 0]}, "VAE Decode", [1680, 0]),
+           "11": node("SaveImage", {"images": ["10", 0], "filename_prefix": "drm/best_of_batch"}, "Save", [2100, 0]),
            "12": node("PreviewAny", {"source": ["8", 1]}, "Scores", [1260, 300])}),
     "drm_lora_stepwise": base(
         **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 700]),
@@ -110,7 +110,23 @@ WORKFLOWS = {
            "9": dict(score(["8", 0]), _meta={"title": "Score"}, pos=[1260, 0]),
            "10": node("PreviewAny", {"source": ["9", 1]}, "Score", [1680, 0]),
            "11": node("VAEDecode", {"samples": ["8", 0], "vae": ["4", 0]}, "VAE Decode", [1260, 420]),
-           "12": node("SaveImage", {"images": ["11", 0], "filename_prefix": "drm/lora_stepwise"}, "Save", [1500, 420])}),
+           "12": node("SaveImage", {"images": ["11", 0], "filename_prefix": "drm/lora_stepwise"}, "Save", [1680, 420])}),
+    "drm_custom_sampler": base(
+        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 700]),
+           "7": node("RandomNoise", {"noise_seed": 42}, "Noise", [420, 0]),
+           "8": node("CFGGuider", {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 4.5},
+                     "CFG guider", [420, 160]),
+           "9": node("SamplerDRMStepwise", dict(SEARCH), "SamplerDRMStepwise", [420, 420]),
+           "10": node("BasicScheduler", {"model": ["1", 0], "scheduler": "simple", "steps": 8, "denoise": 1.0},
+                      "Sigmas", [420, 800]),
+           "11": node("SamplerCustomAdvanced", {"noise": ["7", 0], "guider": ["8", 0], "sampler": ["9", 0],
+                                                "sigmas": ["10", 0], "latent_image": ["6", 0]},
+                      "SamplerCustomAdvanced", [840, 0]),
+           "12": dict(score(["11", 0]), _meta={"title": "Score"}, pos=[1260, 0]),
+           "13": node("PreviewAny", {"source": ["12", 1]}, "Score", [1680, 0]),
+           "14": node("VAEDecode", {"samples": ["11", 0], "vae": ["4", 0]}, "VAE Decode", [1260, 420]),
+           "15": node("SaveImage", {"images": ["14", 0], "filename_prefix": "drm/custom_sampler"}, "Save",
+                      [1680, 420])}),
 }
 
 

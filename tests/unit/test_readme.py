@@ -1,4 +1,4 @@
-"""The README's TOML examples name every trainer field, with values the config loader accepts."""
+"""The README: its TOML examples name every trainer field with accepted values, and its pictures exist."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from trainer.config import _convert, _field_types
 from trainer.drm_train import DRMTrainConfig
 from trainer.grpo_train import GRPOConfig
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+REPO = Path(__file__).resolve().parents[2]
+README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def readme_toml(name: str) -> dict:
@@ -29,3 +30,10 @@ def test_readme_toml_is_complete_and_typed(name, cls):
     assert set(values) == fields, f"missing {sorted(fields - set(values))}, unknown {sorted(set(values) - fields)}"
     kinds = _field_types(cls)
     cls(**{k: _convert(k, kinds[k], v) for k, v in values.items()})  # raises ConfigError on a mistyped value
+
+
+def test_every_picture_the_readme_shows_exists():
+    pictures = re.findall(r'(?:\]\(|src=")(docs/images/[^)"]+)', README)
+    assert len(pictures) >= 10
+    missing = [p for p in pictures if not (REPO / p).is_file()]
+    assert not missing, missing

@@ -1,0 +1,108 @@
+"""Screenshots of this pack in ComfyUI's own frontend, for the README.
+
+    python -m trainer demo --install          # the tiny files the workflows name, in ComfyUI/models
+    python main.py --cpu                       # in ComfyUI, with this pack in custom_nodes
+    pip install playwright                     # drives a Chromium that is already installed
+    python tools/node_pictures.py --server http://127.0.0.1:8188 --chromium /usr/bin/chromium
+
+Each example workflow (UI format) is opened in the frontend and run; the tool saves the whole
+canvas as docs/images/ui-<workflow>.jpg and each of this pack's nodes, the first time it appears, as
+docs/images/node-<NodeType>.png. It also saves the Browse Templates dialog on this pack's section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PICTURES = REPO / "docs" / "images"
+PACK_NODES = ("DRMLoader", "DRMLoadConditioning", "DRMScoreLatent", "DRMStepwiseKSampler", "SamplerDRMStepwise")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+
+
+def open_frontend(page, server: str) -> None:
+    page.goto(server, wait_until="networkidle")
+    page.wait_for_function("window.app && window.app.graph", timeout=120_000)
+    time.sleep(2)
+    page.keyboard.press("Escape")  # the template dialog that greets a new user
+
+
+def run_graph(page, timeout: float = 600) -> None:
+    """Queue the open graph; wait for its entry in /history and for the queue to be empty again."""
+    count_history = "async () => Object.keys(await (await fetch('/history')).json()).length"
+    queue_empty = """async () => {
+        const queue = await (await fetch('/queue')).json();
+        return queue.queue_running.length === 0 && queue.queue_pending.length === 0;
+    }"""
+    before = page.evaluate(count_history)
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    deadline = time.time() + timeout
+    # Polled from here: page.evaluate awaits the fetches (wait_for_function would not await a promise).
+    while not (page.evaluate(count_history) > before and page.evaluate(queue_empty)):
+        if time.time() > deadline:
+            raise TimeoutError("the workflow did not finish; see the server's log")
+        time.sleep(0.5)
+    time.sleep(1.5)  # let the frontend draw the outputs it was sent
+
+
+def node_box(page, node_id: int) -> dict:
+    """Put the node at the top left at 100% zoom; its rectangle on the page, title included."""
+    return page.evaluate("""id => {
+        const canvas = window.app.canvas, node = window.app.graph.getNodeById(id);
+        const title = LiteGraph.NODE_TITLE_HEIGHT;
+        canvas.ds.scale = 1;
+        canvas.ds.offset = [40 - node.pos[0], 40 + title - node.pos[1]];
+        canvas.setDirty(true, true);
+        canvas.draw(true, true);
+        const rect = canvas.canvas.getBoundingClientRect();
+        return {x: rect.left + 30, y: rect.top + 30, width: node.size[0] + 20, height: node.size[1] + title + 20};
+    }""", node_id)
+
+
+def save_templates_dialog(page, pack_folder: str) -> None:
+    page.get_by_text("Templates", exact=True).first.click()
+    time.sleep(1)
+    page.get_by_text(pack_folder, exact=True).first.click()
+    time.sleep(2)
+    page.screenshot(path=str(PICTURES / "ui-browse-templates.jpg"), type="jpeg", quality=85)
+    page.keyboard.press("Escape")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default="http://127.0.0.1:8188")
+    parser.add_argument("--chromium", default="/usr/bin/chromium", help="a Chromium or Chrome executable")
+    parser.add_argument("--pack-folder", default="comfyui-drm", help="this pack's folder name in custom_nodes")
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    PICTURES.mkdir(parents=True, exist_ok=True)
+    captured: set[str] = set()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1800, "height": 1100})
+        open_frontend(page, args.server)
+        save_templates_dialog(page, args.pack_folder)
+        for path in sorted((REPO / "workflows").glob("*.json")):
+            page.evaluate("graph => window.app.loadGraphData(graph)", json.loads(path.read_text()))
+            time.sleep(1)
+            run_graph(page)
+            page.screenshot(path=str(PICTURES / f"ui-{path.stem}.jpg"), type="jpeg", quality=85)
+            nodes = page.evaluate("() => window.app.graph._nodes.map(n => [n.id, n.type])")
+            for node_id, node_type in nodes:
+                if node_type in PACK_NODES and node_type not in captured:
+                    page.screenshot(path=str(PICTURES / f"node-{node_type}.png"), clip=node_box(page, node_id))
+                    captured.add(node_type)
+            print(f"{path.stem}: canvas and nodes {sorted(captured)}")
+        browser.close()
+    missing = sorted(set(PACK_NODES) - captured)
+    if missing:
+        print(f"not in any example workflow, so not pictured: {missing}")
+
+
+if __name__ == "__main__":
+    main()
