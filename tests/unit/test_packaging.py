@@ -1,0 +1,45 @@
+"""Packaging: Comfy Registry metadata, and the pack importing safely outside ComfyUI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+REPO = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def test_registry_metadata_is_complete():
+    project = PYPROJECT["project"]
+    for key in ("name", "version", "description", "license", "requires-python", "dependencies"):
+        assert project.get(key), key
+    assert project["urls"]["Repository"].startswith("https://")
+    comfy = PYPROJECT["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    # The icon URL points into this repository's main branch, at a file that exists.
+    prefix = project["urls"]["Repository"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert comfy["Icon"].startswith(prefix) and (REPO / comfy["Icon"][len(prefix):]).is_file()
+
+
+def test_requirements_match_the_declared_dependencies():
+    declared = {d.split(">")[0].split("=")[0].strip() for d in PYPROJECT["project"]["dependencies"]}
+    listed = {line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()}
+    assert declared == {name for name in listed if name}
+
+
+def test_pack_imports_outside_comfyui_without_registering_nodes():
+    """Tools and tests import the folder as a package; with no comfy_api it must not fail."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('pack', r'{REPO / '__init__.py'}', "
+        f"submodule_search_locations=[r'{REPO}'])\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules['pack'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "assert module.comfy_entrypoint is None\n"
+        "assert 'comfy' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
