@@ -106,6 +106,32 @@ def test_official_format_round_trip(parts, tmp_path):
         assert torch.allclose(loaded.model(*args), parts["drm"](*args), atol=1e-5, rtol=0)
 
 
+def test_official_full_depth_file_runs_depth_minus_skip_blocks(parts, tmp_path, monkeypatch):
+    """The authors' files hold every block; their forward stops `skip` blocks early (3 for SD3.5-M).
+
+    A depth-4 stand-in with skip 3 must score like a DRM built directly with 1 block."""
+    from safetensors.torch import save_file
+
+    import drm.checkpoint
+    from drm.model import build_drm
+    from drm.runtime import load_drm
+    from drm.tiny import tiny_drm_state_dict, tiny_generator_state_dict
+
+    depth = 4
+    generator = tiny_generator_state_dict(depth=depth)
+    official = official_state_dict(tiny_drm_state_dict(generator, blocks=depth), depth=depth)
+    assert f"transformer.transformer_blocks.{depth - 1}.attn.to_q.weight" in official
+    save_file(official, str(tmp_path / "model.safetensors"))
+    monkeypatch.setitem(drm.checkpoint.OFFICIAL_SKIPPED_BLOCKS, depth, 3)
+    loaded = load_drm(tmp_path / "model.safetensors", weight_dtype=torch.float32)
+    assert loaded.model.blocks == 1
+    direct = build_drm(tiny_drm_state_dict(generator, blocks=1), blocks=1).eval()
+    x = parts["x"][:, :, :16, :16]
+    args = x, parts["t"], parts["ctx"], parts["y"]
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(*args), direct(*args), atol=1e-5, rtol=0)
+
+
 def test_official_import_swaps_scale_and_shift(parts, tmp_path):
     """Copying norm_out unswapped (the known trap) must give different scores: the test above has teeth."""
     from safetensors.torch import save_file
