@@ -88,13 +88,14 @@ def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def append_csv(path: Path, row: dict, columns: list[str]) -> None:
+    """One metrics row; floats keep 8 significant digits, enough to show a ratio one float32 step off 1."""
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 class StopRequest:
