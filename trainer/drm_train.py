@@ -87,8 +87,9 @@ class DRMTrainConfig:
                 raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"holdout: expected a fraction in (0, 1), got {self.holdout}")
-        if self.blocks < 0:
-            raise ConfigError(f"blocks: expected >= 0, got {self.blocks}")
+        for name in ("blocks", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
         check_out_dir(self, RESUMABLE)
 
 

@@ -51,6 +51,7 @@ class GRPOConfig:
     lora_alpha: float = field(64.0, "LoRA alpha (ComfyUI applies alpha / rank)")
     lora_mlp: bool = field(False, "also adapt the MLPs, not only joint attention")
     lr: float = field(3e-4, "AdamW learning rate")
+    warmup_steps: int = field(0, "linear learning-rate warm-up iterations (0: constant, as Flow-GRPO)")
     weight_decay: float = field(1e-4, "AdamW weight decay")
     grad_clip: float = field(1.0, "gradient norm clip (0: off)")
     batch_size: int = field(4, "prompts per rollout, over all processes")
@@ -102,6 +103,8 @@ class GRPOConfig:
             raise ConfigError(f"eta: GRPO needs stochastic rollouts, so eta > 0; got {self.eta}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema: expected 0 <= ema < 1, got {self.ema}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: expected >= 0, got {self.warmup_steps}")
         check_drm_fits_base(self.drm, self.base)
         check_out_dir(self, RESUMABLE)
 
@@ -234,14 +237,18 @@ def export_lora(lora, cfg: GRPOConfig, base_name: str, iteration: int, path: Pat
                     lora_metadata(cfg, base_name, iteration))
 
 
-def save_state(out: Path, lora, ema, optimizer, iteration: int) -> None:
-    save_checkpoint(out, lora.state_dict(), {"optimizer": optimizer.state_dict(), "iteration": iteration, "ema": ema})
+def save_state(out: Path, lora, ema, optimizer, scheduler, iteration: int) -> None:
+    """LoRA, optimizer, scheduler, iteration and EMA: everything --resume needs (rollout noise derives from
+    (seed, iteration), so there is no RNG state to keep)."""
+    save_checkpoint(out, lora.state_dict(), {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                             "iteration": iteration, "ema": ema})
 
 
-def load_state(out: Path, lora, optimizer) -> tuple[int, list | None]:
+def load_state(out: Path, lora, optimizer, scheduler) -> tuple[int, list | None]:
     tensors, state = load_checkpoint(out)
     lora.load_state_dict(tensors)
     optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     return state["iteration"], state["ema"]
 
 
@@ -282,7 +289,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
 
     params = list(policy.lora.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    iteration, ema = load_state(out, policy.lora, optimizer) if cfg.resume else (0, None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    iteration, ema = load_state(out, policy.lora, optimizer, scheduler) if cfg.resume else (0, None)
     if cfg.ema and ema is None:
         ema = [p.detach().clone() for p in params]
     if accelerator.is_main_process:
@@ -339,6 +347,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 with torch.no_grad():
@@ -362,12 +371,12 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
             stopping = stop_request.agreed(accelerator)
             if iteration % cfg.save_every == 0 or stopping:
-                _save(accelerator, out, policy, ema, params, optimizer, iteration, cfg, base.name)
+                _save(accelerator, out, policy, ema, params, optimizer, scheduler, iteration, cfg, base.name)
     if stopping:
         if accelerator.is_main_process:
             print(f"Interrupted at iteration {iteration}; a checkpoint is saved. Continue with --resume.")
         return last
-    _save(accelerator, out, policy, ema, params, optimizer, iteration, cfg, base.name)
+    _save(accelerator, out, policy, ema, params, optimizer, scheduler, iteration, cfg, base.name)
     if accelerator.is_main_process:
         final = out / f"{base.name}-{cfg.algorithm}.safetensors"
         with swapped_in(params, ema):
@@ -400,9 +409,9 @@ def swapped_in(params, ema):
                 p.copy_(original)
 
 
-def _save(accelerator, out, policy, ema, params, optimizer, iteration, cfg, base_name) -> None:
+def _save(accelerator, out, policy, ema, params, optimizer, scheduler, iteration, cfg, base_name) -> None:
     if accelerator.is_main_process:
-        save_state(out, policy.lora, ema, optimizer, iteration)
+        save_state(out, policy.lora, ema, optimizer, scheduler, iteration)
         with swapped_in(params, ema):
             export_lora(policy.lora, cfg, base_name, iteration, out / "loras" / f"{base_name}-{iteration:05d}.safetensors")
     accelerator.wait_for_everyone()

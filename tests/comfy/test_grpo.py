@@ -136,7 +136,7 @@ def test_cost_accounting_and_on_policy_ratio(demo, tmp_path):
 def test_resume_continues_exactly(demo, tmp_path):
     from safetensors.torch import load_file
 
-    common = ("--eval-every", "100", "--save-every", "2")
+    common = ("--eval-every", "100", "--save-every", "2", "--warmup-steps", "3")  # the schedule resumes too
     assert run(grpo_cli(demo[0], tmp_path / "whole", "--iterations", "4", *common)) == 0
     assert run(grpo_cli(demo[0], tmp_path / "split", "--iterations", "2", *common)) == 0
     assert run(grpo_cli(demo[0], tmp_path / "split", "--iterations", "4", "--resume", *common)) == 0

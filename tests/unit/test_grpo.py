@@ -586,6 +586,7 @@ def test_validate_accepts_good_configs(run_files, overrides):
     ({"eta": -0.5}, "eta"),
     ({"algorithm": "ppo"}, "algorithm"),
     ({"random_steps": 0, "train_steps": "random"}, "random_steps"),
+    ({"warmup_steps": -1}, "warmup_steps"),
 ])
 def test_validate_refuses_naming_the_field(run_files, overrides, name):
     with pytest.raises(ConfigError) as info:
