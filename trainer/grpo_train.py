@@ -79,6 +79,7 @@ class GRPOConfig:
             check_resolution(self.resolution)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        check_prompt_files(self)
         if self.algorithm not in ("step-grpo", "grpo"):
             raise ConfigError(f"algorithm: expected step-grpo or grpo, got {self.algorithm!r}")
         if self.algorithm == "step-grpo" and self.branches < 2:
@@ -107,6 +108,23 @@ class GRPOConfig:
             raise ConfigError(f"warmup_steps: expected >= 0, got {self.warmup_steps}")
         check_drm_fits_base(self.drm, self.base)
         check_out_dir(self, RESUMABLE)
+
+
+def check_prompt_files(cfg: GRPOConfig) -> None:
+    """Prompt files are read (not yet encoded) before any model loads: a wrong kind or no prompts fails here."""
+    from .data import DatasetError
+    from .prompts import read_prompt_texts
+
+    for name in ("prompts", "eval_prompts"):
+        path = Path(getattr(cfg, name))
+        if not getattr(cfg, name) or path.suffix == ".safetensors":
+            continue
+        if path.suffix not in (".txt", ".jsonl"):
+            raise ConfigError(f"{name}: {path.name} is neither .txt, .jsonl nor a pre-encoded .safetensors prompt bank")
+        try:
+            read_prompt_texts(path)
+        except DatasetError as e:
+            raise ConfigError(f"{name}: {e}") from None
 
 
 def _header_shapes(path: str) -> dict[str, list[int]]:

@@ -594,6 +594,19 @@ def test_validate_refuses_naming_the_field(run_files, overrides, name):
     assert str(info.value).startswith(name), str(info.value)
 
 
+@pytest.mark.parametrize("content, suffix, message", [
+    ("\n# only a comment\n", ".txt", "holds no prompts"),
+    ('{"text": "a red cube"}\n', ".jsonl", 'line 1: expected an object with a "prompt" string'),
+    ("a red cube\n", ".csv", "neither .txt, .jsonl nor"),
+])
+def test_validate_reads_prompt_files_before_any_model_loads(run_files, tmp_path, content, suffix, message):
+    path = tmp_path / f"bad-prompts{suffix}"
+    path.write_text(content, encoding="utf-8")
+    for name in ("prompts", "eval_prompts"):
+        with pytest.raises(ConfigError, match=f"^{name}: .*{message}"):
+            make_config(run_files, **{name: str(path)}).validate()
+
+
 @pytest.mark.parametrize("name", ["prompts", "base", "drm"])
 def test_validate_refuses_a_missing_file(run_files, tmp_path, name):
     with pytest.raises(ConfigError, match=f"^{name}: file .*does not exist"):
