@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import comfy.model_base
 import comfy.model_management
 import comfy.samplers
 import torch
@@ -51,21 +52,25 @@ def positive_conditioning(guider) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_fits(drm: LoadedDRM, model_patcher) -> None:
-    """Refuse a DRM that cannot read this MODEL's latents and conditioning."""
-    latent_format = model_patcher.get_model_object("latent_format")
-    if latent_format.latent_channels != drm.model.in_channels:
-        raise ValueError(f"the MODEL makes {latent_format.latent_channels}-channel latents but the DRM reads "
-                         f"{drm.model.in_channels}; use a DRM trained for this model family (SD3 / SD3.5).")
-    mmdit = model_patcher.model.diffusion_model
-    context_dim = getattr(getattr(mmdit, "context_embedder", None), "in_features", None)
-    if context_dim is not None and context_dim != drm.model.context_dim:
+    """Refuse a DRM that cannot read this MODEL's latents and conditioning.
+
+    The model class is checked, not only the widths: other 16-channel models (Flux, HiDream) have
+    another latent scale and shift, and some match SD3's text widths, so they would score wrongly
+    without any error.
+    """
+    model = model_patcher.model
+    if not isinstance(model, comfy.model_base.SD3):
+        raise ValueError(f"the MODEL is {type(model).__name__}, not SD3 / SD3.5; the DRM reads SD3 latents and text "
+                         "conditioning. Use an SD3-family model with it.")
+    mmdit = model.diffusion_model
+    context_dim = mmdit.context_embedder.in_features
+    if context_dim != drm.model.context_dim:
         raise ValueError(f"the MODEL's text context is {context_dim} wide but the DRM's is {drm.model.context_dim}; "
-                         "use a DRM trained for this model family.")
-    y_embedder = getattr(mmdit, "y_embedder", None)
-    pooled_dim = None if y_embedder is None else y_embedder.mlp[0].in_features
-    if pooled_dim is not None and pooled_dim != drm.model.pooled_dim:
+                         "use a DRM trained for this model.")
+    pooled_dim = mmdit.y_embedder.mlp[0].in_features
+    if pooled_dim != drm.model.pooled_dim:
         raise ValueError(f"the MODEL's pooled text embedding is {pooled_dim} wide but the DRM's is "
-                         f"{drm.model.pooled_dim}; use a DRM trained for this model family.")
+                         f"{drm.model.pooled_dim}; use a DRM trained for this model.")
 
 
 def schedule_sigmas(model_sampling, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:

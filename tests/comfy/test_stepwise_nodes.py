@@ -156,10 +156,11 @@ def test_drm_for_other_text_widths_is_refused_by_both_nodes(nodes_mod, pack, set
         custom.SamplerCustomAdvanced().sample(custom.Noise_RandomNoise(7), guider, sampler, sigmas, empty())
 
 
-def test_drm_for_another_latent_space_is_refused(pack, drm):
-    sd15_like = SimpleNamespace(get_model_object=lambda name: SimpleNamespace(latent_channels=4))
-    with pytest.raises(ValueError, match="4-channel latents but the DRM reads 16"):
-        pack.drm.stepwise.check_fits(drm, sd15_like)
+def test_drm_for_another_model_family_is_refused(pack, drm):
+    """Flux also makes 16-channel latents, with another scale and shift: the model class decides."""
+    flux_like = SimpleNamespace(model=type("Flux", (), {})())
+    with pytest.raises(ValueError, match="the MODEL is Flux, not SD3 / SD3.5"):
+        pack.drm.stepwise.check_fits(drm, flux_like)
 
 
 def test_cancel_stops_sampling(nodes_mod, drm, setup):

@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from trainer.config import _convert, _field_types
 from trainer.drm_train import DRMTrainConfig
 from trainer.grpo_train import GRPOConfig
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the pack itself runs on 3.10
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text(encoding="utf-8")
