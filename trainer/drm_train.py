@@ -17,7 +17,15 @@ import torch
 from torch.nn import functional as F
 
 from .config import ConfigError, field
-from .runs import append_csv, check_out_dir, load_checkpoint, save_checkpoint, stop_on_signals, write_run_file
+from .runs import (
+    append_csv,
+    check_out_dir,
+    load_checkpoint,
+    save_checkpoint,
+    stop_on_signals,
+    warmup_scheduler,
+    write_run_file,
+)
 
 BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 EVAL_SIGMAS_PER_BUCKET = 3
@@ -255,7 +263,7 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     drm, blocks = build_trainable_drm(cfg, base, device)
     params = [p for p in drm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    scheduler = warmup_scheduler(optimizer, cfg.warmup_steps)
     step = load_state(out, drm, optimizer, scheduler) if cfg.resume else 0
     model, optimizer = accelerator.prepare(drm, optimizer)
     if accelerator.is_main_process:
@@ -269,9 +277,10 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     with stop_on_signals() as stop_request, contextlib.closing(bar):
         while step < cfg.max_steps and not stopping:
             # The same pairs, noise levels and noise for step `step` whatever the process count or resume point.
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            step_seed = cfg.seed * 1_000_003 + step
+            generator = torch.Generator().manual_seed(step_seed)
             # The head's dropout draws from the global RNG (CUDA's on a GPU): seed it per step and rank too.
-            torch.manual_seed(cfg.seed * 1_000_003 + step + 7_919 * (1 + accelerator.process_index))
+            torch.manual_seed(step_seed + 7_919 * (1 + accelerator.process_index))
             epoch_order = torch.randperm(len(train), generator=torch.Generator().manual_seed(
                 cfg.seed + (step * cfg.batch_size) // len(train)))
             start = (step * cfg.batch_size) % len(train)

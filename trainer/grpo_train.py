@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, field, to_dict
-from .runs import append_csv, check_out_dir, load_checkpoint, save_checkpoint, stop_on_signals, write_run_file
+from .runs import (
+    append_csv,
+    check_out_dir,
+    load_checkpoint,
+    save_checkpoint,
+    stop_on_signals,
+    warmup_scheduler,
+    write_run_file,
+)
 
 RESUMABLE = {"iterations", "eval_every", "save_every", "resume", "peft_export"}
 
@@ -307,7 +315,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
 
     params = list(policy.lora.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    scheduler = warmup_scheduler(optimizer, cfg.warmup_steps)
     iteration, ema = load_state(out, policy.lora, optimizer, scheduler) if cfg.resume else (0, None)
     if cfg.ema and ema is None:
         ema = [p.detach().clone() for p in params]

@@ -87,6 +87,11 @@ def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, torch.load(directory / "state.pt", weights_only=True)
 
 
+def warmup_scheduler(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear learning-rate warm-up over `warmup_steps` optimizer steps, then constant (0: constant)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
 def append_csv(path: Path, row: dict, columns: list[str]) -> None:
     """One metrics row; floats keep 8 significant digits, enough to show a ratio one float32 step off 1."""
     new = not path.exists()
