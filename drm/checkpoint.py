@@ -107,8 +107,15 @@ def official_to_comfy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """
     import comfy.model_detection
 
-    diffusers_sd = {k[len(OFFICIAL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
-    converted = comfy.model_detection.convert_diffusers_mmdit(dict(diffusers_sd), "")
+    # The converter swaps those rows in place: it gets copies of them, so the caller's tensors (and a
+    # second conversion of the same dict) stay as they were.
+    diffusers_sd = {k[len(OFFICIAL_PREFIX):]: v.clone() if "norm_out" in k or "norm1_context" in k else v
+                    for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
+    try:
+        converted = comfy.model_detection.convert_diffusers_mmdit(diffusers_sd, "")
+    except RuntimeError as e:  # q, k and v of other sizes cannot be fused into one qkv
+        raise ValueError(f"weights do not fit: the transformer.* tensors do not form one SD3 MMDiT "
+                         f"({str(e).splitlines()[0]})") from None
     if converted is None:
         raise ValueError("transformer.* keys are not an SD3 MMDiT in diffusers names")
     converted.update({k: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)})

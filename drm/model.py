@@ -110,8 +110,9 @@ def build_drm(state_dict: dict[str, torch.Tensor], blocks: int, dtype: torch.dty
               device: torch.device | str | None = None, operations=None) -> DRM:
     """Build a DRM from comfy MMDiT keys plus `reward_output.*` head keys (the `full` layout).
 
-    Joint blocks at index >= `blocks` in the state dict are ignored. Raises ValueError on a key
-    mismatch, naming the keys.
+    Joint blocks at index >= `blocks` in the state dict are ignored. Raises ValueError on a key or
+    shape mismatch, naming the key. Every tensor is cast to `dtype` here, whatever ComfyUI's ops do
+    on load (see load_checked).
     """
     operations = operations or comfy.ops.disable_weight_init
     backbone_sd = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
@@ -126,18 +127,23 @@ def build_drm(state_dict: dict[str, torch.Tensor], blocks: int, dtype: torch.dty
     final_sd = {k[len("final_layer."):]: v for k, v in backbone_sd.items() if k.startswith("final_layer.")}
     backbone_sd = {k: v for k, v in backbone_sd.items() if not k.startswith("final_layer.")}
 
-    # SD3's last block is context-pre-only (MMDiT builds it so when final_layer=True); a truncated
-    # backbone's last kept block is a full block. The final layer itself lives on the DRM.
-    keeps_all = blocks == config["depth"]
-    backbone = MMDiT(**config, num_blocks=blocks, final_layer=keeps_all, dtype=dtype, device=device,
-                     operations=operations)
-    if keeps_all:
-        del backbone.final_layer
-    final_layer = new_final_layer(backbone, dtype=dtype, device=device, operations=operations)
-    head = ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=dtype, device=device)
-    _load_strict(backbone, backbone_sd, "backbone")
-    _load_strict(final_layer, final_sd, "final layer")
-    _load_strict(head, head_sd, "head (reward_output.*)")
+    def parts(dtype, device, operations) -> tuple[MMDiT, FinalLayer, ConvGNHead]:
+        # SD3's last block is context-pre-only (MMDiT builds it so when final_layer=True); a truncated
+        # backbone's last kept block is a full block. The final layer itself lives on the DRM.
+        keeps_all = blocks == config["depth"]
+        backbone = MMDiT(**config, num_blocks=blocks, final_layer=keeps_all, dtype=dtype, device=device,
+                         operations=operations)
+        if keeps_all:
+            del backbone.final_layer
+        return (backbone, new_final_layer(backbone, dtype=dtype, device=device, operations=operations),
+                ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=dtype, device=device))
+
+    built = parts(dtype, device, operations)
+    templates = parts(None, "meta", nn)  # the shapes the architecture expects, at no memory cost
+    for module, template, sd, what in zip(built, templates, (backbone_sd, final_sd, head_sd),
+                                          ("backbone", "final layer", "head (reward_output.*)")):
+        load_checked(module, template, sd, what, dtype)
+    backbone, final_layer, head = built
     return DRM(backbone, blocks, final_layer, head)
 
 
@@ -147,13 +153,26 @@ def new_final_layer(backbone: MMDiT, dtype=None, device=None, operations=None) -
                       operations=operations or comfy.ops.disable_weight_init)
 
 
-def _load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
-    try:
-        missing, unexpected = module.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{what} weights do not fit: {str(e).splitlines()[-1].strip()}") from None
+def load_checked(module: nn.Module, template: nn.Module, state_dict: dict[str, torch.Tensor], what: str,
+                 dtype: torch.dtype | None) -> None:
+    """Load `state_dict` into `module` after checking every key and shape against `template`, cast to `dtype`.
+
+    `template` is the same architecture built from plain torch layers on the meta device, so its
+    shapes hold whatever `module`'s layers are. ComfyUI's ops cannot be trusted to check or cast:
+    under Dynamic VRAM (ComfyUI 0.26 on Windows, later everywhere) their Linear layers take the
+    file's tensors as they are. Raises ValueError naming the wrong keys or shapes; `module` is then
+    unchanged.
+    """
+    expected = {k: tuple(v.shape) for k, v in template.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{what} keys do not match: missing {sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}")
+        raise ValueError(f"{what} keys do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    wrong = [f"{k} is {list(v.shape)} in the file but {list(expected[k])} in the model"
+             for k, v in state_dict.items() if tuple(v.shape) != expected[k]]
+    if wrong:
+        raise ValueError(f"{what} weights do not fit: {'; '.join(wrong[:3])}")
+    module.load_state_dict({k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                            for k, v in state_dict.items()}, strict=False)
 
 
 def build_adapter_drm(state_dict: dict[str, torch.Tensor], blocks: int, backbone: MMDiT, dtype=None, device=None,
@@ -175,8 +194,10 @@ def build_adapter_drm(state_dict: dict[str, torch.Tensor], blocks: int, backbone
                                  f"layer is {tuple(weight.shape)}: the DRM was trained on another base model")
     final_layer = new_final_layer(backbone, dtype=dtype, device=device, operations=operations)
     head = ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=dtype, device=device)
-    _load_strict(final_layer, {k[len("final_layer."):]: v for k, v in state_dict.items()
-                               if k.startswith("final_layer.")}, "final layer")
-    _load_strict(head, {k[len(HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)},
-                 "head (reward_output.*)")
+    load_checked(final_layer, new_final_layer(backbone, device="meta", operations=nn),
+                 {k[len("final_layer."):]: v for k, v in state_dict.items() if k.startswith("final_layer.")},
+                 "final layer", dtype)
+    load_checked(head, ConvGNHead(in_channels=backbone.out_channels, device="meta"),
+                 {k[len(HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)},
+                 "head (reward_output.*)", dtype)
     return DRM(backbone, blocks, final_layer, head, lora=lora, shared_backbone=True)

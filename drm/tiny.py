@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import comfy.ops
 import torch
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, get_2d_sincos_pos_embed
 
@@ -39,7 +38,8 @@ def tiny_generator_config(depth: int = 2) -> dict:
 @torch.no_grad()
 def tiny_generator_state_dict(depth: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """Comfy-named MMDiT weights, deterministic for a given seed, fp32 on the CPU."""
-    model = MMDiT(**tiny_generator_config(depth), operations=comfy.ops.disable_weight_init)
+    # Plain torch layers: ComfyUI's ops may build Linear layers without weights (Dynamic VRAM).
+    model = MMDiT(**tiny_generator_config(depth), operations=torch.nn)
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("bias"):

@@ -158,7 +158,7 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
 
     from drm.head import ConvGNHead
     from drm.lora import LoRA, target_paths
-    from drm.model import DRM, build_drm, new_final_layer
+    from drm.model import DRM, build_drm, load_checked, new_final_layer
 
     mmdit = base.model.model.diffusion_model
     blocks = cfg.blocks or max(1, len(mmdit.joint_blocks) - 3)
@@ -169,7 +169,8 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
         # Shared, frozen base weights; trained parts stay fp32 (manual_cast follows the input dtype).
         mmdit.requires_grad_(False)
         final_layer = new_final_layer(mmdit, dtype=torch.float32, operations=comfy.ops.manual_cast)
-        final_layer.load_state_dict(mmdit.final_layer.state_dict())
+        load_checked(final_layer, new_final_layer(mmdit, device="meta", operations=torch.nn),
+                     mmdit.final_layer.state_dict(), "final layer", torch.float32)
         final_layer.requires_grad_(cfg.mode == "adapter")
         lora = None
         if cfg.mode == "adapter":

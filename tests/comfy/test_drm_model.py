@@ -60,39 +60,13 @@ def test_kept_block_count_changes_score(parts):
     assert (two_blocks(*args) - one_block(*args)).abs().min() > 1e-4
 
 
-def official_state_dict(drm_sd: dict, depth: int) -> dict:
-    """The tiny DRM in the authors' layout: diffusers SD3 names under transformer.*, built with ComfyUI's key map."""
-    import comfy.utils
-
-    from drm.checkpoint import count_blocks
-
-    key_map = comfy.utils.mmdit_to_diffusers({"depth": depth, "num_blocks": count_blocks(drm_sd)})
-    out = {}
-    for diffusers_key, target in key_map.items():
-        if isinstance(target, str):
-            if target in drm_sd:
-                out["transformer." + diffusers_key] = drm_sd[target].clone()
-            continue
-        name, offset = target[0], target[1]
-        if name not in drm_sd:
-            continue
-        tensor = drm_sd[name]
-        if offset is not None:
-            tensor = tensor.narrow(offset[0], offset[1], offset[2])
-        if len(target) > 2:
-            tensor = target[2](tensor)  # swap_scale_shift is its own inverse
-        out["transformer." + diffusers_key] = tensor.clone().contiguous()
-    out.update({k: v.clone() for k, v in drm_sd.items() if k.startswith("reward_output.")})
-    return out
-
-
-def test_official_format_round_trip(parts, tmp_path):
+def test_official_format_round_trip(parts, tmp_path, to_official):
     from safetensors.torch import save_file
 
     from drm.checkpoint import load_checkpoint
     from drm.runtime import load_drm
 
-    official = official_state_dict(parts["drm_sd"], depth=2)
+    official = to_official(parts["drm_sd"], depth=2)
     assert "transformer.norm_out.linear.weight" in official
     assert not any(k.startswith("joint_blocks.") for k in official)
     path = tmp_path / "model.safetensors"
@@ -106,7 +80,7 @@ def test_official_format_round_trip(parts, tmp_path):
         assert torch.allclose(loaded.model(*args), parts["drm"](*args), atol=1e-5, rtol=0)
 
 
-def test_official_full_depth_file_runs_depth_minus_skip_blocks(parts, tmp_path, monkeypatch):
+def test_official_full_depth_file_runs_depth_minus_skip_blocks(parts, tmp_path, monkeypatch, to_official):
     """The authors' files hold every block; their forward stops `skip` blocks early (3 for SD3.5-M).
 
     A depth-4 stand-in with skip 3 must score like a DRM built directly with 1 block."""
@@ -119,7 +93,7 @@ def test_official_full_depth_file_runs_depth_minus_skip_blocks(parts, tmp_path, 
 
     depth = 4
     generator = tiny_generator_state_dict(depth=depth)
-    official = official_state_dict(tiny_drm_state_dict(generator, blocks=depth), depth=depth)
+    official = to_official(tiny_drm_state_dict(generator, blocks=depth), depth=depth)
     assert f"transformer.transformer_blocks.{depth - 1}.attn.to_q.weight" in official
     save_file(official, str(tmp_path / "model.safetensors"))
     monkeypatch.setitem(drm.checkpoint.OFFICIAL_SKIPPED_BLOCKS, depth, 3)
@@ -132,13 +106,13 @@ def test_official_full_depth_file_runs_depth_minus_skip_blocks(parts, tmp_path, 
         assert torch.allclose(loaded.model(*args), direct(*args), atol=1e-5, rtol=0)
 
 
-def test_official_import_swaps_scale_and_shift(parts, tmp_path):
+def test_official_import_swaps_scale_and_shift(parts, tmp_path, to_official):
     """Copying norm_out unswapped (the known trap) must give different scores: the test above has teeth."""
     from safetensors.torch import save_file
 
     from drm.runtime import load_drm
 
-    official = official_state_dict(parts["drm_sd"], depth=2)
+    official = to_official(parts["drm_sd"], depth=2)
     for name in ("weight", "bias"):
         key = f"transformer.norm_out.linear.{name}"
         scale, shift = official[key].chunk(2, dim=0)  # diffusers order
@@ -163,3 +137,16 @@ def test_full_format_save_and_load(parts, tmp_path):
     args = parts["x"], parts["t"], parts["ctx"], parts["y"]
     with torch.no_grad():
         assert torch.equal(loaded.model(*args), parts["drm"](*args))
+
+
+def test_official_conversion_leaves_its_input_alone(parts, to_official):
+    """ComfyUI's key converter swaps scale and shift in place; converting the same dict twice must not un-swap."""
+    from drm.checkpoint import official_to_comfy
+
+    official = to_official(parts["drm_sd"], depth=2)
+    before = {k: v.clone() for k, v in official.items()}
+    first, second = official_to_comfy(official), official_to_comfy(official)
+    assert all(torch.equal(official[k], before[k]) for k in before)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(first["final_layer.adaLN_modulation.1.weight"],
+                       parts["drm_sd"]["final_layer.adaLN_modulation.1.weight"])
