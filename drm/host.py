@@ -13,8 +13,21 @@ from pathlib import Path
 PACK_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ComfyUINotFound(RuntimeError):
+class ComfyUIUnavailable(RuntimeError):
+    """ComfyUI cannot be used as a library; the message says why and what to do."""
+
+
+class ComfyUINotFound(ComfyUIUnavailable):
     pass
+
+
+class ComfyUIImportFailed(ComfyUIUnavailable):
+    """The tree is there, but importing it fails (usually a package from its requirements is missing)."""
+
+
+# What the pack and the trainer use; importing them up front turns a missing package into one clear
+# message instead of a traceback in the middle of a run.
+COMFY_MODULES = ("comfy.model_management", "comfy.sd", "comfy.samplers", "comfy.sample", "folder_paths")
 
 
 def _is_comfyui_tree(path: Path) -> bool:
@@ -41,14 +54,40 @@ def locate_comfyui(explicit: str | os.PathLike | None = None) -> Path:
     )
 
 
+def comfyui_version(root: Path) -> str:
+    """The version in the tree's comfyui_version.py, or "unknown"."""
+    try:
+        text = (root / "comfyui_version.py").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return "unknown"
+
+
 def import_comfy(explicit: str | os.PathLike | None = None, cpu: bool | None = None) -> Path:
     """Make `comfy`, `folder_paths` and ComfyUI's `nodes` importable, in library mode.
 
     `cpu=None` means: use the CPU when torch sees no CUDA device. Safe to call more than once.
+    Raises ComfyUINotFound when no tree is found, and ComfyUIImportFailed, naming the tree, the
+    missing package and the pip command that installs it, when the tree cannot be imported.
     """
     root = locate_comfyui(explicit)
-    if "comfy.model_management" in sys.modules:
+    if all(name in sys.modules for name in COMFY_MODULES):
         return root
+    try:
+        _import_tree(root, cpu)
+    except (ImportError, RuntimeError) as e:  # a broken torchvision raises RuntimeError on import
+        missing = f"the module {e.name!r} is missing" if isinstance(e, ImportError) and e.name else \
+            f"importing it failed ({type(e).__name__}: {e})"
+        raise ComfyUIImportFailed(
+            f"ComfyUI {comfyui_version(root)} at {root} cannot be imported: {missing}. Install the tree's "
+            f"requirements into this Python environment: pip install -r {root / 'requirements.txt'}") from e
+    return root
+
+
+def _import_tree(root: Path, cpu: bool | None) -> None:
     # ComfyUI's own top-level modules (nodes, utils, folder_paths) must win over anything else.
     if str(root) in sys.path:
         sys.path.remove(str(root))
@@ -68,8 +107,8 @@ def import_comfy(explicit: str | os.PathLike | None = None, cpu: bool | None = N
     # utils.extra_config first: `import nodes` later puts comfy/ first on sys.path, and `utils`
     # would then resolve to comfy/utils.py.
     importlib.import_module("utils.extra_config")
-    importlib.import_module("comfy.model_management")
-    return root
+    for name in COMFY_MODULES:
+        importlib.import_module(name)
 
 
 MODEL_FOLDERS = {

@@ -5,6 +5,7 @@ Comfy and server tests are skipped with a visible reason when no ComfyUI tree is
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -23,16 +24,24 @@ def comfyui_path() -> Path | None:
     return None
 
 
+@functools.cache
 def comfy_skip_reason() -> str | None:
+    """Why the comfy and server tiers cannot run here, or None when they can.
+
+    The tree is imported for real (once per session; the tests reuse it), so a package missing from
+    the tree's requirements is named in the skip line with the pip command that installs it.
+    """
     value = os.environ.get("COMFYUI_PATH")
     if not value:
         return "COMFYUI_PATH is not set (point it at a ComfyUI 0.3.64+ tree to run this tier)"
     if comfyui_path() is None:
         return f"COMFYUI_PATH={value} is not a ComfyUI tree"
+    from drm.host import ComfyUIUnavailable, import_comfy
+
     try:
-        import torchvision  # noqa: F401  (comfy.sd imports it)
-    except Exception as e:  # an installed but broken torchvision raises RuntimeError, not ImportError
-        return f"torchvision is not importable ({type(e).__name__}); ComfyUI's comfy.sd needs it"
+        import_comfy(comfyui_path())
+    except ComfyUIUnavailable as e:
+        return str(e)
     return None
 
 

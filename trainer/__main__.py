@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from drm.host import ComfyUINotFound, import_comfy
+    from drm.host import ComfyUIUnavailable, import_comfy
 
     try:
         import_comfy(args.comfyui)
-    except ComfyUINotFound as e:
+    except ComfyUIUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.command == "demo":
