@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,18 @@ def test_pack_imports_outside_comfyui_without_registering_nodes():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+COMPILED = re.compile(r"(^|/)__pycache__(/|$)|\.py[cod]$|\.so$")
+
+
+def test_no_compiled_files_are_tracked_or_packed():
+    """Governed ComfyUI installs refuse packs with compiled files; the registry packer follows the ignore files."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout, so there is no tracked file list to check")
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    assert listed and not [p for p in listed if COMPILED.search(p)]
+    for ignore_file in (".gitignore", ".comfyignore"):
+        patterns = (REPO / ignore_file).read_text(encoding="utf-8").splitlines()
+        assert {"__pycache__/", "*.py[cod]"} <= set(patterns), ignore_file
