@@ -13,8 +13,9 @@ import math
 import torch
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, get_2d_sincos_pos_embed
 
-from .checkpoint import HEAD_PREFIX
+from .checkpoint import HEAD_PREFIX, count_blocks
 from .head import ConvGNHead
+from .lora import LoRA, target_paths
 
 CONTEXT_DIM = 4096
 POOLED_DIM = 2048
@@ -62,6 +63,35 @@ def tiny_drm_state_dict(generator_sd: dict[str, torch.Tensor], blocks: int = 1, 
     torch.manual_seed(seed)
     head = ConvGNHead(in_channels=16)
     sd.update({HEAD_PREFIX + k: v.clone() for k, v in head.state_dict().items()})
+    return sd
+
+
+@torch.no_grad()
+def tiny_lora_state_dict(generator_sd: dict[str, torch.Tensor], blocks: int | None = None, rank: int = 4,
+                         alpha: float = 8.0, seed: int = 2) -> dict[str, torch.Tensor]:
+    """A random attention LoRA for the tiny generator in ComfyUI's native names (with `.alpha`).
+
+    `blocks`: only the layers a DRM keeping that many blocks uses. Its up weights are not zero, so
+    it changes what it is applied to.
+    """
+    mmdit = MMDiT(**tiny_generator_config(count_blocks(generator_sd)), device="meta", operations=torch.nn)
+    torch.manual_seed(seed)
+    lora = LoRA.for_module(mmdit, target_paths(mmdit, blocks=blocks), rank, alpha)
+    for up in lora.up:
+        up.normal_(std=0.05)
+    return lora.state_dict_comfy()
+
+
+@torch.no_grad()
+def tiny_adapter_drm_state_dict(generator_sd: dict[str, torch.Tensor], blocks: int = 1,
+                                seed: int = 1) -> dict[str, torch.Tensor]:
+    """An `adapter`-layout DRM for the tiny generator: a random LoRA on its first `blocks` blocks, the
+    generator's final layer and a random head. Save it with metadata {"drm.format": "adapter",
+    "drm.blocks": str(blocks)}."""
+    sd = tiny_lora_state_dict(generator_sd, blocks=blocks, seed=seed)
+    sd.update({k: v.clone() for k, v in generator_sd.items() if k.startswith("final_layer.")})
+    torch.manual_seed(seed)
+    sd.update({HEAD_PREFIX + k: v.clone() for k, v in ConvGNHead(in_channels=16).state_dict().items()})
     return sd
 
 

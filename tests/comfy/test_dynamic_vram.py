@@ -60,28 +60,16 @@ def drm_files(tiny_generator, tmp_path_factory, to_official) -> dict:
     """One tiny DRM file per format, all fp32, written with the flags off."""
     from safetensors.torch import save_file
 
-    from drm.checkpoint import atomic_save, save_adapter
-    from drm.head import ConvGNHead
-    from drm.lora import LoRA, target_paths
-    from drm.model import DRM, new_final_layer
-    from drm.tiny import tiny_drm_state_dict
+    from drm.checkpoint import atomic_save
+    from drm.tiny import tiny_adapter_drm_state_dict, tiny_drm_state_dict
 
-    gen_sd, patcher = tiny_generator
+    gen_sd, _ = tiny_generator
     root = tmp_path_factory.mktemp("dynamic-vram")
     full = tiny_drm_state_dict(gen_sd, blocks=1)
     atomic_save(full, root / "full.safetensors", {"drm.format": "full", "drm.blocks": "1"})
     save_file(to_official(full, depth=2), str(root / "official.safetensors"))
-
-    mmdit = patcher.model.diffusion_model
-    torch.manual_seed(5)
-    lora = LoRA.for_module(mmdit, target_paths(mmdit, blocks=1), rank=4, alpha=8.0)
-    with torch.no_grad():
-        for up in lora.up:
-            up.normal_(std=0.05)  # a LoRA that changes the scores, so its loading is tested too
-    final_layer = new_final_layer(mmdit, dtype=torch.float32, operations=torch.nn)
-    final_layer.load_state_dict(mmdit.final_layer.state_dict())
-    save_adapter(DRM(mmdit, 1, final_layer, ConvGNHead(16), lora=lora, shared_backbone=True),
-                 root / "adapter.safetensors")
+    atomic_save(tiny_adapter_drm_state_dict(gen_sd, blocks=1), root / "adapter.safetensors",
+                {"drm.format": "adapter", "drm.blocks": "1"})
     return {fmt: root / f"{fmt}.safetensors" for fmt in FORMATS}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -129,7 +130,8 @@ def _tail(path: Path, lines: int) -> str:
             last = deque(f, maxlen=lines)
     except OSError as e:
         return f"(no server log: {e})"
-    return f"--- last {len(last)} lines of {path} ---\n" + "".join(last)
+    # A progress bar is one line redrawn after carriage returns: keep what a terminal would show.
+    return f"--- last {len(last)} lines of {path} ---\n" + "".join(line.rsplit("\r", 1)[-1] for line in last)
 
 
 def _free_port() -> int:
@@ -138,11 +140,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _build_models(root: Path, models: Path) -> None:
-    """What `python -m trainer demo --install` puts in ComfyUI's model folders: the example workflows' files."""
-    from trainer.demo import run_demo
+def _build_models(models: Path) -> None:
+    """The files the example workflows name (what `python -m trainer demo --install` installs), made
+    directly from the tiny random-weight models in about a second: no training, no progress bars."""
+    from drm.checkpoint import atomic_save
+    from drm.conditioning import save_conditioning
+    from drm.tiny import (
+        tiny_adapter_drm_state_dict,
+        tiny_conditioning,
+        tiny_generator_state_dict,
+        tiny_lora_state_dict,
+    )
+    from trainer.synthetic import tiny_vae_state_dict
 
-    run_demo(out=str(root / "demo"), install_into=models)
+    generator = tiny_generator_state_dict()
+    atomic_save(generator, models / "diffusion_models" / "tiny-sd35.safetensors", {})
+    atomic_save(tiny_vae_state_dict(), models / "vae" / "tiny-vae.safetensors", {})
+    atomic_save(tiny_adapter_drm_state_dict(generator), models / "drm" / "tiny-drm.safetensors",
+                {"drm.format": "adapter", "drm.blocks": "1"})
+    atomic_save(tiny_lora_state_dict(generator), models / "loras" / "tiny-sd35-step-grpo.safetensors", {})
+    for name, seed in (("tiny-prompt-0", 0), ("tiny-prompt-1", 1), ("tiny-negative", 2)):
+        cond = tiny_conditioning(seed=seed)
+        save_conditioning(models / "drm_conditioning" / f"{name}.safetensors", cond[0][0],
+                          cond[0][1]["pooled_output"], prompt=name)
 
 
 def _write_extra_paths(path: Path, models: Path, custom_nodes: Path) -> None:
@@ -164,11 +184,15 @@ def _write_extra_paths(path: Path, models: Path, custom_nodes: Path) -> None:
 
 @pytest.fixture(scope="session")
 def server(comfyui, tmp_path_factory) -> Iterator[ComfyServer]:
-    """A ComfyUI server on a free port, loading this repository as custom node `comfyui-drm`."""
+    """A ComfyUI server on a free port, loading this repository as custom node `comfyui-drm`.
+
+    The server starts first, so a server that cannot start fails this fixture at once, with the fix;
+    the tiny model files are written once it answers (ComfyUI lists model folders on every request).
+    """
     root = tmp_path_factory.mktemp("comfyui-server")
     models = root / "models"
-    _build_models(root, models)
-
+    for name in ("diffusion_models", "vae", "loras", "drm", "drm_conditioning"):
+        (models / name).mkdir(parents=True)
     custom_nodes = root / "custom_nodes"
     custom_nodes.mkdir()
     (custom_nodes / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
@@ -196,18 +220,19 @@ def server(comfyui, tmp_path_factory) -> Iterator[ComfyServer]:
                                    stdout=log, stderr=subprocess.STDOUT)
     server = ComfyServer(process, base_url, root, log_path)
     try:
-        _wait_until_ready(server)
+        _wait_until_ready(server, comfyui)
+        _build_models(models)
         yield server
     finally:
         _stop(process)
 
 
-def _wait_until_ready(server: ComfyServer) -> None:
+def _wait_until_ready(server: ComfyServer, comfyui: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while True:
         if not server.alive():
-            pytest.fail(f"the ComfyUI server exited with code {server.process.returncode} during startup.\n"
-                        f"{server.log_tail()}", pytrace=False)
+            pytest.fail(f"the ComfyUI server exited with code {server.process.returncode} during startup."
+                        f"{_missing_module_hint(server.log_text(), comfyui)}\n{server.log_tail()}", pytrace=False)
         try:
             server.get("/system_stats", timeout=5)
             return
@@ -217,6 +242,15 @@ def _wait_until_ready(server: ComfyServer) -> None:
             pytest.fail(f"the ComfyUI server did not answer {server.base_url}/system_stats within "
                         f"{STARTUP_TIMEOUT:.0f} s.\n{server.log_tail()}", pytrace=False)
         time.sleep(0.25)
+
+
+def _missing_module_hint(log: str, comfyui: Path) -> str:
+    """' It needs the package X: pip install ...' when the log shows a missing module, else ''."""
+    found = re.findall(r"No module named '([^'.]+)", log)
+    if not found:
+        return ""
+    return (f" It needs the module {found[-1]!r}, which this environment lacks: pip install {found[-1]} "
+            f"(ComfyUI's own packages: pip install -r {comfyui / 'requirements.txt'}).")
 
 
 def _stop(process: subprocess.Popen) -> None:
