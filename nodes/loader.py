@@ -8,6 +8,19 @@ from ..drm.runtime import WEIGHT_DTYPES, load_drm
 from .types import DRMModel
 
 
+def listed_in(folder: str, name: str, what: str) -> bool | str:
+    """True, or the validation error that names a missing file, as ComfyUI names a missing checkpoint.
+
+    Both ComfyUI versions call a node's validate_inputs before running the graph; 0.3.64 does not
+    check V3 combo values itself, and newer versions report an empty list only as "not in []".
+    """
+    if name in folder_paths.get_filename_list(folder):
+        return True
+    return (f"{what} '{name}' is not in ComfyUI/models/{folder}/ (or an extra_model_paths.yaml folder for "
+            f"'{folder}'). Put the file there and refresh the browser; `python -m trainer demo --install` puts "
+            "the tiny example files there.")
+
+
 class DRMLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -26,6 +39,10 @@ class DRMLoader(io.ComfyNode):
             ],
             outputs=[DRMModel.Output(display_name="drm")],
         )
+
+    @classmethod
+    def validate_inputs(cls, drm_name) -> bool | str:
+        return listed_in("drm", drm_name, "DRM file")
 
     @classmethod
     def execute(cls, drm_name, weight_dtype, model=None) -> io.NodeOutput:
@@ -47,6 +64,10 @@ class DRMLoadConditioning(io.ComfyNode):
             ],
             outputs=[io.Conditioning.Output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, conditioning_name) -> bool | str:
+        return listed_in("drm_conditioning", conditioning_name, "cached conditioning file")
 
     @classmethod
     def execute(cls, conditioning_name) -> io.NodeOutput:

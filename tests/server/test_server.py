@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -149,12 +150,11 @@ def test_sd1_latent_fails_cleanly_and_server_survives(server):
     assert "DRMScoreLatent" in server.get("/object_info/DRMScoreLatent")
 
 
-def test_unknown_drm_file_fails_with_its_name(server):
-    """A drm_name that is not in models/drm. ComfyUI 0.3.64 checks combo values only for V1 nodes, so
-    a V3 node's bad combo value passes validation and fails when DRMLoader runs; newer servers may
-    reject it at validation (HTTP 400 with node_errors). Either way the file name is reported."""
+@pytest.mark.parametrize("node, field", [("1", "drm_name"), ("2", "conditioning_name")])
+def test_a_missing_file_is_named_at_validation(server, node, field):
+    """As ComfyUI names a missing checkpoint: HTTP 400 before anything runs, with the file and its folder."""
     workflow = {
-        "1": {"class_type": "DRMLoader", "inputs": {"drm_name": "missing.safetensors", "weight_dtype": "fp32",
+        "1": {"class_type": "DRMLoader", "inputs": {"drm_name": "tiny-drm.safetensors", "weight_dtype": "fp32",
                                                     "model": ["9", 0]}},
         "9": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny-sd35.safetensors", "weight_dtype": "default"}},
         "2": {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": "tiny-prompt-0.safetensors"}},
@@ -164,16 +164,46 @@ def test_unknown_drm_file_fails_with_its_name(server):
             "steps": 20, "scheduler": "simple", "step": 20}},
         "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}},
     }
-    try:
-        prompt_id = server.post_prompt(workflow)
-    except server.PromptRejected as rejected:
-        assert rejected.status == 400
-        node_errors = rejected.body["node_errors"]
-        assert "1" in node_errors and "missing.safetensors" in json.dumps(node_errors["1"]), node_errors
-        return
+    workflow[node]["inputs"][field] = "missing.safetensors"
+    with pytest.raises(server.PromptRejected) as rejected:
+        server.post_prompt(workflow)
+    assert rejected.value.status == 400
+    errors = rejected.value.body["node_errors"][node]["errors"]
+    folder = "drm" if field == "drm_name" else "drm_conditioning"
+    assert any("'missing.safetensors' is not in ComfyUI/models/" + folder in e["details"] for e in errors), errors
+
+
+def cancellable(steps: int) -> dict[str, dict]:
+    """Both step-wise samplers, long enough to be cancelled mid-search."""
+    stepwise = json.loads((WORKFLOWS / "api" / "drm_stepwise_vs_ksampler.json").read_text(encoding="utf-8"))
+    ksampler = {k: v for k, v in stepwise.items() if k in {"1", "2", "3", "5", "6", "8", "10", "12"}}
+    ksampler["8"]["inputs"]["steps"] = steps
+    custom = json.loads((WORKFLOWS / "api" / "drm_custom_sampler.json").read_text(encoding="utf-8"))
+    custom = {k: v for k, v in custom.items() if k not in {"4", "14", "15"}}
+    custom["10"]["inputs"]["steps"] = steps
+    return {"DRMStepwiseKSampler": ksampler, "SamplerCustomAdvanced": custom}
+
+
+@pytest.mark.parametrize("node_type", ["DRMStepwiseKSampler", "SamplerCustomAdvanced"])
+def test_cancel_stops_the_search_promptly_and_the_next_prompt_runs(server, node_type):
+    steps = 5000  # minutes of work: only a cancel ends it within the test's time
+    workflow = cancellable(steps)[node_type]
+    log_before = len(server.log_text())
+    prompt_id = server.post_prompt(workflow)
+    deadline = time.monotonic() + 120
+    # The search's progress bar in the log shows it running: then the cancel lands mid-search.
+    while f"/{steps} [" not in server.log_text()[log_before:]:
+        assert time.monotonic() < deadline, f"the search did not start within 120 s\n{server.log_tail()}"
+        time.sleep(0.1)
+    sent = time.monotonic()
+    server.post("/interrupt", {})
     entry = server.wait_for(prompt_id, timeout=60)
-    errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
-    assert entry["status"]["status_str"] == "error" and len(errors) == 1, server.describe_failure(entry)
-    assert errors[0]["node_type"] == "DRMLoader", server.describe_failure(entry)
-    assert "missing.safetensors" in errors[0]["exception_message"], errors[0]["exception_message"]
-    assert server.alive(), server.log_tail()
+    took = time.monotonic() - sent
+    status = entry["status"]
+    interrupted = [data for event, data in status["messages"] if event == "execution_interrupted"]
+    assert status["status_str"] == "error" and interrupted, server.describe_failure(entry)
+    assert interrupted[0]["node_type"] == node_type, interrupted
+    assert took < 15, f"the search took {took:.1f} s to stop"
+
+    _, outputs = run_workflow(server, "drm_best_of_batch")  # the server is free and works
+    assert outputs
