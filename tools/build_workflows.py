@@ -6,7 +6,8 @@
 
 The graphs are defined once below in API format (plus a position per node). The UI format, which
 the frontend opens, is derived from the server's /object_info (widget order, slot types). Every
-workflow is then run on the server; its first saved image becomes `workflows/<name>.jpg`.
+workflow is then run on the server; its saved images go to `docs/images/<name>-<SaveImage prefix>-<i>.png`
+and the first one becomes `workflows/<name>.jpg`.
 """
 
 from __future__ import annotations
@@ -224,17 +225,18 @@ def main() -> None:
         (REPO / "workflows" / "api" / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n")
         (REPO / "workflows" / f"{name}.json").write_text(json.dumps(ui_format(graph, object_info), indent=2) + "\n")
         outputs = run(args.server, api)
-        images = [img for out in outputs.values() for img in out.get("images", [])]
-        for i, img in enumerate(images):
+        # <workflow>-<SaveImage prefix's last part>-<index in its batch>.png, so a name says what it shows
+        saved = [(api[node]["inputs"]["filename_prefix"].split("/")[-1], j, img)
+                 for node, out in sorted(outputs.items()) for j, img in enumerate(out.get("images", []))]
+        for i, (what, j, img) in enumerate(saved):
             query = urllib.parse.urlencode({k: img[k] for k in ("filename", "subfolder", "type")})
-            data = request(args.server, f"/view?{query}")
-            target = pictures / f"{name}-{i}.png"
-            target.write_bytes(data)
+            target = pictures / f"{name}-{what}-{j}.png"
+            target.write_bytes(request(args.server, f"/view?{query}"))
             if i == 0:
                 thumb = Image.open(target).convert("RGB")
                 thumb.thumbnail((256, 256))
                 thumb.save(REPO / "workflows" / f"{name}.jpg", quality=90)
-        print(f"{name}: {len(images)} image(s)")
+        print(f"{name}: {len(saved)} image(s)")
     if args.demo:
         for source, target in (("grpo/reward_curve.png", "demo_reward_curve.png"), ("drm/curves.png", "demo_drm_curves.png"),
                                ("grpo/eval/step0000.png", "demo_grid_before.png")):

@@ -38,3 +38,34 @@ def test_every_picture_the_readme_shows_exists():
     assert len(pictures) >= 10
     missing = [p for p in pictures if not (REPO / p).is_file()]
     assert not missing, missing
+
+
+PLOTS = {"reward trace": "the step-wise sampler's trace_plot", "reward curve": "trainer grpo's reward_curve.png",
+         "DRM curves": "trainer drm's curves.png"}
+
+
+def white_fraction(path: Path) -> float:
+    """Share of near-white pixels: a matplotlib figure is mostly white, a sample (noise or not) is not."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    return float((pixels.min(axis=-1) >= 250).mean())
+
+
+@pytest.mark.parametrize("alt", sorted(PLOTS))
+def test_every_picture_the_readme_calls_a_plot_is_one(alt):
+    match = re.search(rf"!\[{alt}\]\((docs/images/[^)]+)\)", README)
+    assert match, f"the README shows no picture called {alt!r} ({PLOTS[alt]})"
+    assert white_fraction(REPO / match.group(1)) > 0.5, f"{match.group(1)} is not a plot"
+
+
+def test_the_reward_trace_picture_is_the_file_the_tool_writes_for_the_trace_plot():
+    """tools/build_workflows.py names each image after its SaveImage prefix: the one fed by trace_plot."""
+    import json
+
+    workflow = json.loads((REPO / "workflows" / "api" / "drm_stepwise_vs_ksampler.json").read_text(encoding="utf-8"))
+    sampler = next(k for k, v in workflow.items() if v["class_type"] == "DRMStepwiseKSampler")
+    save = next(v for v in workflow.values() if v["class_type"] == "SaveImage" and v["inputs"]["images"] == [sampler, 3])
+    expected = f"docs/images/drm_stepwise_vs_ksampler-{save['inputs']['filename_prefix'].split('/')[-1]}-0.png"
+    assert f"![reward trace]({expected})" in README
