@@ -24,6 +24,7 @@ FORMATS = ("full", "official", "adapter")
 OFFICIAL_SKIPPED_BLOCKS = {24: 3, 38: 5}  # 2BConvGN (SD3.5-M), 7BConvGN (SD3.5-L)
 OFFICIAL_PREFIX = "transformer."
 HEAD_PREFIX = "reward_output."
+MAX_HEADER_BYTES = 100_000_000  # the largest header the safetensors library reads (its MAX_HEADER_SIZE)
 
 
 def count_blocks(state_dict: dict[str, torch.Tensor], prefix: str = "joint_blocks.") -> int:
@@ -34,6 +35,10 @@ def count_blocks(state_dict: dict[str, torch.Tensor], prefix: str = "joint_block
 
 class DRMCheckpointError(ValueError):
     """A DRM file that cannot be used; the message names the file and what to do."""
+
+
+class HeaderNotUTF8(DRMCheckpointError):
+    """A safetensors file whose header (tensor names and metadata text) is not UTF-8."""
 
 
 @dataclass
@@ -66,10 +71,34 @@ def read_safetensors(path: str | os.PathLike, what: str = "DRM file",
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        bad = _first_non_utf8_header_byte(path)
+        if bad is not None:  # safetensors refuses the whole header, and would say only "invalid UTF-8"
+            raise HeaderNotUTF8(
+                f"{what} {path.name}: its header (tensor names and metadata text, such as a prompt) is not UTF-8 "
+                f"(byte 0x{bad[1]:02x} at byte offset {bad[0]} of the file), and safetensors reads only UTF-8. "
+                "Write the file again with its text as UTF-8 (safetensors.torch.save_file, given Python strings, "
+                "always does).") from None
         raise DRMCheckpointError(
             f"{what} {path.name} is not a readable safetensors file ({e}). It may be truncated: "
             "download or export it again.") from None
     return tensors, metadata
+
+
+def _first_non_utf8_header_byte(path: Path) -> tuple[int, int] | None:
+    """(offset in the file, value) of the first byte of a complete safetensors header that is not UTF-8, else None."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = f.read(min(length, MAX_HEADER_BYTES))
+    except OSError:
+        return None
+    if len(header) < length:  # a cut-off header: the "truncated" message is the right one
+        return None
+    try:
+        header.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return 8 + e.start, header[e.start]
+    return None
 
 
 def describe_foreign(keys: list[str]) -> str:

@@ -1,7 +1,7 @@
 """Prompt conditioning cached as safetensors, so graphs and the trainer can skip the text encoders.
 
 File layout: `context` [B, T, 4096] (SD3's CLIP-L/G + T5 tokens), `pooled` [B, 2048], and the
-prompt text in the metadata under `prompt`.
+prompt text in the metadata under `prompt` (UTF-8, as safetensors requires of its whole header).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def save_conditioning(path: str | os.PathLike, context: torch.Tensor, pooled: to
 
 def load_conditioning(path: str | os.PathLike) -> list:
     """A ComfyUI CONDITIONING: [[context, {"pooled_output": pooled}]]."""
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_safetensors(path, "conditioning file",
+                                         "Put conditioning files in ComfyUI/models/drm_conditioning/.")
     if set(tensors) != {"context", "pooled"}:
         raise ValueError(f"conditioning file {Path(path).name} holds {sorted(tensors)[:4]}; expected exactly "
                          "`context` and `pooled` tensors (written by drm.conditioning.save_conditioning).")

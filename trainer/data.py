@@ -1,6 +1,6 @@
 """Preference pairs for DRM training: reading HPDv3-style files, encoding them once, caching the result.
 
-Input (`load_pairs`): JSON (a list of objects) or JSONL (one object per line), each
+Input (`load_pairs`): UTF-8 JSON (a list of objects) or JSONL (one object per line), each
 `{"prompt": str, "path1": preferred image, "path2": other image, "confidence": optional float}`.
 Image paths are relative to the pairs file's folder; absolute paths are allowed.
 
@@ -48,7 +48,9 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from drm.checkpoint import DRMCheckpointError, atomic_save, read_safetensors
+from drm.checkpoint import DRMCheckpointError, HeaderNotUTF8, atomic_save, read_safetensors
+
+from .config import read_utf8_text
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +86,7 @@ class PairRecord:
 def load_pairs(path: str | os.PathLike, min_confidence: float = 0.0) -> list[PairRecord]:
     """Read a JSON or JSONL pairs file; keep pairs whose confidence is >= min_confidence (or absent)."""
     path = Path(path).absolute()
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"pairs file {path} cannot be read ({e}). Expected a JSON or JSONL file of "
-                           'objects {"prompt", "path1" (preferred image), "path2" (other image)}.') from None
+    text = read_utf8_text(path, "pairs file", DatasetError)
     objects = _json_list_items(text, path) if text.lstrip().startswith("[") else _jsonl_items(text, path)
     records = [_to_record(obj, line, path) for line, obj in objects]
     if not records:
@@ -188,24 +186,88 @@ def check_resolution(resolution: int) -> None:
 
 
 def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
-    """An image as float [resolution, resolution, 3] in [0, 1]: shorter side resized, then center-cropped."""
+    """An image file as float32 [resolution, resolution, 3] (rows, columns, RGB), values in [0, 1].
+
+    The EXIF orientation is applied, the pixels become RGB floats by the rule for their Pillow mode
+    (below), then the shorter side is resized to `resolution` and the center is cropped. The resize
+    runs in float (`_resize`), so 16-bit precision survives it.
+
+    Rules, by mode:
+    - 1, L, P, RGB, RGBX, CMYK, YCbCr, LAB, HSV (8 bits per channel; Pillow itself opens 16-bit
+      colour PNGs as 8-bit RGB or RGBA): Pillow's conversion to 8-bit RGB (no ICC colour management), / 255.
+    - I;16, I;16L, I;16B, I;16N (16-bit grey): / 65535, the same value in all three channels.
+    - I (32-bit integer grey): what Pillow opens 16-bit PGM/PPM files as (and, in older Pillow
+      versions, 16-bit PNGs), so / 65535; values outside 0..65535 are refused, not guessed at.
+    - F (32-bit float grey, e.g. float TIFF or PFM): taken as is; values outside [0, 1], NaN or
+      infinite ones are refused.
+    - Transparency (LA, PA, RGBA, RGBa, or a colour key in any mode, as PNG and GIF store): composited
+      over white. The colours stored under transparent pixels are arbitrary (often black), so dropping
+      the alpha would train on whatever the saving program left there; white is how a page shows it.
+    - A mode Pillow cannot convert to RGB (La, premultiplied grey, which no file opens as) is refused.
+
+    Raises UnreadableImage, naming the file, for a missing or undecodable file and for a refused mode
+    or values.
+    """
     check_resolution(resolution)
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            image = ImageOps.exif_transpose(image)  # a decoded copy, upright
     except FileNotFoundError:
         raise UnreadableImage(f"image {path} does not exist") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"image {path} cannot be decoded ({e})") from None
-    width, height = image.size
+    pixels = image_to_rgb(image, path)
+    height, width = pixels.shape[:2]
     scale = resolution / min(width, height)
     # max(): rounding must never make the longer side shorter than the crop
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
+    if size != (width, height):
+        pixels = _resize(pixels, size)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.ascontiguousarray(pixels[top:top + resolution, left:left + resolution]))
+
+
+def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float [H, W, 3] in [0, 1] -> [size[1], size[0], 3]: Pillow's bicubic filter on one 32-bit float
+    image per channel, so nothing is rounded to 8 bits; overshoot at hard edges is clipped to [0, 1]."""
+    channels = [Image.fromarray(np.ascontiguousarray(pixels[..., c])).resize(size, Image.Resampling.BICUBIC)
+                for c in range(pixels.shape[-1])]
+    return np.stack([np.asarray(channel) for channel in channels], axis=-1).clip(0.0, 1.0)
+
+
+# Modes with an alpha band; any mode may also carry a colour-key transparency (PNG tRNS, GIF) in info.
+ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa")
+# 16-bit, 32-bit integer and 32-bit float grey, which Pillow's conversion to RGB clips at 255.
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def image_to_rgb(image: Image.Image, source: object) -> np.ndarray:
+    """The pixels of a Pillow image of any mode as float32 [height, width, 3] RGB in [0, 1], by the rules
+    in `load_image`'s docstring; `source` names the image in the UnreadableImage raised for a refused mode
+    or values."""
+    if image.mode in HIGH_DEPTH_MODES:
+        values = np.asarray(image)
+        low, high = values.min(), values.max()
+        if image.mode == "F" and not (np.isfinite(values).all() and 0.0 <= low and high <= 1.0):
+            raise UnreadableImage(f"image {source} holds 32-bit float grey values (Pillow mode F) from {low:g} to "
+                                  f"{high:g}; such images are read only when they lie in [0, 1]. Re-save it scaled "
+                                  "to 0..1, or as an 8- or 16-bit PNG.")
+        if image.mode == "I" and not (0 <= low and high <= 65535):
+            raise UnreadableImage(f"image {source} holds 32-bit integer grey values (Pillow mode I) from {low} to "
+                                  f"{high}; they are read as 16-bit (0..65535). Re-save it as a 16- or 8-bit PNG.")
+        grey = values.astype(np.float32) / (1.0 if image.mode == "F" else 65535.0)
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+        key = image.info.get("transparency")  # a PNG's 16-bit grey colour key
+        alpha = None if key is None else (values != key)[..., None].astype(np.float32)
+    else:
+        with_alpha = image.mode in ALPHA_MODES or "transparency" in image.info
+        try:
+            pixels = np.asarray(image.convert("RGBA" if with_alpha else "RGB"), dtype=np.float32) / 255.0
+        except ValueError as e:
+            raise UnreadableImage(f"image {source} has the Pillow mode {image.mode}, which cannot be converted to "
+                                  f"RGB ({e}). Re-save it as an 8-bit RGB PNG.") from None
+        rgb, alpha = pixels[..., :3], (pixels[..., 3:] if with_alpha else None)
+    return rgb if alpha is None else rgb * alpha + (1.0 - alpha)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +319,9 @@ class EncodedPairs:
         if not path.is_file():
             raise DatasetError(f"encoded pairs file {path} does not exist. {how}")
         try:
-            tensors, metadata = read_safetensors(path)
+            tensors, metadata = read_safetensors(path, "encoded pairs file", how)
+        except HeaderNotUTF8 as e:
+            raise DatasetError(f"{e} {how}") from None
         except DRMCheckpointError:
             raise DatasetError(f"encoded pairs file {path} is not a readable safetensors file (it may be truncated, "
                                f"or a PyTorch pickle, which is never loaded). {how}") from None

@@ -6,7 +6,8 @@ Accepted files:
 - `.safetensors`: pre-encoded, with `context` [P, T, 4096], `pooled` [P, 2048], optionally
   `negative_context` [1, T', 4096] and `negative_pooled` [1, 2048] (default: zeros), and the prompt
   texts as a JSON list in the metadata key `prompts`.
-Text files are encoded with the base model's text encoders (cached, like the DRM trainer's).
+Text files are UTF-8 (a BOM is allowed) and are encoded with the base model's text encoders (cached,
+like the DRM trainer's).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from drm.checkpoint import atomic_save, read_safetensors
 
+from .config import read_utf8_text
 from .data import DatasetError, encode_prompts
 
 
@@ -39,10 +41,10 @@ class PromptBank:
 
 
 def read_prompt_texts(path: str | Path) -> list[str]:
-    """The prompts of a .txt or .jsonl file; a DatasetError naming the file and line for bad content."""
+    """The prompts of a UTF-8 .txt or .jsonl file; a DatasetError naming the file (and line) when it cannot be used."""
     path = Path(path)
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(read_utf8_text(path, "prompts file", DatasetError).splitlines(), start=1):
         if not line.strip() or (path.suffix == ".txt" and line.lstrip().startswith("#")):
             continue
         if path.suffix == ".jsonl":
@@ -64,7 +66,7 @@ def load_prompt_bank(path: str | Path, clip=None, cache_dir: Path | None = None,
     """A prompt bank from a text file (encoded with `clip`) or a pre-encoded .safetensors file."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        tensors, metadata = read_safetensors(path, what="prompts file", where="Check the --prompts path.")
+        tensors, metadata = read_safetensors(path, "prompts file", "Check the --prompts path.")
         if not {"context", "pooled"} <= set(tensors):
             raise DatasetError(f"prompts file {path.name} lacks `context` and `pooled` tensors.")
         context, pooled = tensors["context"].float(), tensors["pooled"].float()
