@@ -204,17 +204,23 @@ def _own_parts(drm) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_full(drm, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write a DRM as a `full` checkpoint (a LoRA, if any, merged into the kept blocks), atomically."""
+def full_state_dict(drm) -> dict[str, torch.Tensor]:
+    """A DRM's tensors in the `full` layout, on the CPU: its kept blocks (a LoRA, if any, merged in),
+    final layer and head. For an adapter DRM, the blocks are read from the generator it shares."""
     state = {k: v for k, v in drm.backbone.state_dict().items()
              if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= drm.blocks)
              and not k.startswith("final_layer.")}  # a shared generator backbone has its own final layer
     if drm.lora is not None:
         for i, module_path in enumerate(drm.lora.paths):
             key = module_path + ".weight"
-            state[key] = (state[key].float() + drm.lora.merged_delta(i).detach().cpu().float()).to(state[key].dtype)
+            state[key] = (state[key].float().cpu() + drm.lora.merged_delta(i).detach().cpu().float()).to(state[key].dtype)
     state.update(_own_parts(drm))
-    atomic_save({k: v.detach().contiguous().cpu() for k, v in state.items()}, path, _metadata(drm, "full", metadata))
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_full(drm, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a DRM as a `full` checkpoint (a LoRA, if any, merged into the kept blocks), atomically."""
+    atomic_save(full_state_dict(drm), path, _metadata(drm, "full", metadata))
 
 
 def save_adapter(drm, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

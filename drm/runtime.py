@@ -19,7 +19,7 @@ import comfy.ops
 import comfy.samplers
 import torch
 
-from .checkpoint import DRMCheckpointError, load_checkpoint
+from .checkpoint import DRMCheckpoint, DRMCheckpointError, full_state_dict, load_checkpoint
 from .model import DRM, build_adapter_drm, build_drm
 
 SD3_SHIFT = 3.0
@@ -99,9 +99,14 @@ class LoadedDRM:
         return self.latent_format.process_in(latent.float()) * (1.0 - sigma)
 
     def score(self, x: torch.Tensor, sigma: torch.Tensor | float, context: torch.Tensor,
-              pooled: torch.Tensor) -> torch.Tensor:
-        """Scores [B] (float32, on x's device) of model-space latents x at noise level sigma."""
-        self._ensure_loaded()
+              pooled: torch.Tensor, sampling_model=None) -> torch.Tensor:
+        """Scores [B] (float32, on x's device) of model-space latents x at noise level sigma.
+
+        `sampling_model`: the ModelPatcher being sampled, when called from inside a sampler. An adapter
+        DRM must not reload its shared weights under a running sampler, so if that model changes them
+        (a LoRA, say) this raises SharedWeightsPatched instead of scoring with them.
+        """
+        self._ensure_loaded(sampling_model)
         device = self.patcher.load_device
         self.scored_rows += x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32).flatten().expand(x.shape[0])
@@ -109,32 +114,67 @@ class LoadedDRM:
         with torch.no_grad():
             scores = self.model(x.to(device, self.dtype), timesteps.to(device, self.dtype),
                                 context.to(device, self.dtype), pooled.to(device, self.dtype))
+        bad = (~torch.isfinite(scores)).sum().item()
+        if bad:
+            raise NonFiniteScores(
+                f"DRM {self.name} returned NaN or infinite scores for {bad} of {len(scores)} latents, with its "
+                f"weights in {str(self.dtype).replace('torch.', '')}: the values overflowed. Load it in bf16 or fp32 "
+                "(DRM Loader's weight_dtype); if the latents are huge, check the sampler upstream.")
         return scores.float().to(x.device)
 
-    def _ensure_loaded(self) -> None:
-        """Load the DRM (and an adapter's base) unless already loaded.
+    def _ensure_loaded(self, sampling_model=None) -> None:
+        """Load the DRM, and an adapter's base weights unpatched, unless they already are.
 
         Scoring runs once per sampling step; calling load_models_gpu every time would ask ComfyUI to
         free inference memory each time, which on a full GPU unloads part of the running generator.
         """
-        wanted = [self.patcher] + self._base_to_load()
+        wanted = [self.patcher]
+        if self.base_model is not None:
+            changes = self._shared_weight_changes()
+            if changes:
+                if sampling_model is not None and sampling_model.model is self.base_model.model:
+                    raise SharedWeightsPatched(
+                        f"DRM {self.name} is an adapter: it runs on the MODEL's own weights, and the MODEL being "
+                        f"sampled changes them ({'; '.join(changes)}). It would score with weights it was not "
+                        "trained on. Set DRM Loader's backbone to 'copy' (the DRM keeps its own copy of the "
+                        f"{self.model.blocks} blocks it runs), or sample with the MODEL from before the LoRA.")
+                # Outside a sampler the patches may go: ComfyUI writes the unpatched weights back when
+                # it loads the base (clones share their backups).
+                comfy.model_management.load_models_gpu(wanted + [self.base_model])
+                if self._shared_weight_changes():
+                    raise SharedWeightsPatched(
+                        f"DRM {self.name} is an adapter, and ComfyUI could not restore the MODEL's unpatched weights "
+                        f"({'; '.join(self._shared_weight_changes())}). Set DRM Loader's backbone to 'copy'.")
+                return
+            if self._holder_of_shared_weights() is None:
+                wanted.append(self.base_model)
         loaded = [m.model for m in comfy.model_management.current_loaded_models]
         if any(all(patcher is not m for m in loaded) for patcher in wanted):
             comfy.model_management.load_models_gpu(wanted)
 
-    def _base_to_load(self) -> list:
-        """The generator's patcher, unless some clone of it already holds the weights on the device.
-
-        During sampling the sampling MODEL (possibly a LoRA'd clone of `base_model`) is loaded; loading
-        `base_model` then would unpatch that clone's weights under the running sampler.
-        """
-        if self.base_model is None:
-            return []
+    def _holder_of_shared_weights(self):
+        """The loaded ModelPatcher (the base or one of its clones) listed as holding the shared modules."""
         shared = self.base_model.model
-        if any(loaded.model is not None and loaded.model.model is shared
-               for loaded in comfy.model_management.current_loaded_models):
-            return []
-        return [self.base_model]
+        for loaded in comfy.model_management.current_loaded_models:
+            if loaded.model is not None and loaded.model.model is shared:
+                return loaded.model
+        return None
+
+    def _shared_weight_changes(self) -> list[str]:
+        """What now makes the shared MMDiT differ from the base MODEL's weights (empty: nothing).
+
+        ComfyUI's own bookkeeping on the shared model says which clone's weight patches are applied
+        (even after that clone was dropped) and which modules are replaced.
+        """
+        base, holder = self.base_model, self._holder_of_shared_weights()
+        changes = weight_changes(holder) if holder is not None else []
+        applied = getattr(base.model, "current_weight_patches_uuid", None)
+        if not changes and applied not in (None, base.patches_uuid):
+            changes.append("the weight patches of another clone of the MODEL, e.g. a LoRA that sampled before")
+        replaced = sorted(k for k in base.object_patches_backup if k.startswith("diffusion_model"))
+        if not changes and replaced:
+            changes.append(f"replaced modules {replaced[:3]}")
+        return changes
 
     def score_latents(self, samples: torch.Tensor, sigma: float, conditioning, chunk: int = 8,
                       progress=None) -> torch.Tensor:
@@ -172,6 +212,32 @@ class LoadedDRM:
         return float(sigmas[step])
 
 
+class NonFiniteScores(ValueError):
+    """The DRM's output overflowed to NaN or infinity (usually fp16 weights)."""
+
+
+class SharedWeightsPatched(ValueError):
+    """An adapter DRM would score with weights a LoRA or another patch changed."""
+
+
+def weight_changes(patcher) -> list[str]:
+    """What a ModelPatcher changes in its diffusion model's weights or modules (empty: nothing).
+
+    ComfyUI writes these into the model's tensors (or applies them as each layer runs) while the
+    patcher is loaded, and its clones share those tensors; object patches elsewhere (such as
+    ModelSamplingSD3's model_sampling) leave the weights alone.
+    """
+    changes = []
+    if patcher.patches:
+        changes.append(f"{len(patcher.patches)} patched weights, e.g. a LoRA")
+    if getattr(patcher, "hook_patches", None):
+        changes.append("hooked weight patches, e.g. a scheduled LoRA")
+    modules = sorted(k for k in patcher.object_patches if k.startswith("diffusion_model"))
+    if modules:
+        changes.append(f"replaced modules {modules[:3]}")
+    return changes
+
+
 def _to_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     if t.shape[0] == batch:
         return t
@@ -181,12 +247,24 @@ def _to_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 
 def load_drm(path: str | os.PathLike, weight_dtype: torch.dtype | None = None, blocks: int | None = None,
-             base_model=None) -> LoadedDRM:
-    """Load a DRM file for scoring. `base_model` (the generator's ModelPatcher) is for adapter DRMs."""
+             base_model=None, own_backbone: bool = False) -> LoadedDRM:
+    """Load a DRM file for scoring.
+
+    `base_model` (the generator's ModelPatcher, unpatched) is for adapter DRMs. They share its MMDiT,
+    unless `own_backbone`: then the DRM copies the blocks it runs, with its LoRA merged in, so it
+    scores the same while a LoRA'd clone of the MODEL samples. Raises DRMCheckpointError with the fix.
+    """
     ckpt = load_checkpoint(path, blocks=blocks)
     name = Path(path).name
     if ckpt.format == "adapter":
-        return _load_adapter(ckpt, name, weight_dtype, base_model)
+        adapter = _load_adapter(ckpt, name, weight_dtype, base_model)
+        if not own_backbone:
+            return adapter
+        # A LoRA'd clone that ran before may still hold the shared tensors; ComfyUI writes the unpatched
+        # weights back when it loads the base itself.
+        comfy.model_management.load_models_gpu([base_model])
+        ckpt = DRMCheckpoint("full", full_state_dict(adapter.model), adapter.model.blocks, ckpt.metadata)
+        weight_dtype = weight_dtype or adapter.dtype
     load_device = comfy.model_management.get_torch_device()
     params = sum(t.numel() for t in ckpt.state_dict.values())
     dtype = weight_dtype or comfy.model_management.unet_dtype(
@@ -209,6 +287,10 @@ def _load_adapter(ckpt, name: str, weight_dtype: torch.dtype | None, base_model)
     if backbone is None or not hasattr(backbone, "joint_blocks"):
         raise DRMCheckpointError(f"DRM file {name} is an adapter for an SD3-family MMDiT; the connected MODEL is "
                                  f"{type(base_model.model).__name__}.")
+    if weight_changes(base_model):
+        raise DRMCheckpointError(f"DRM file {name} is an adapter DRM, and the MODEL connected to DRM Loader changes "
+                                 f"its weights ({'; '.join(weight_changes(base_model))}). Connect the MODEL from "
+                                 "before the LoRA loader (the weights the DRM was trained on).")
     compute_dtype = base_model.model.manual_cast_dtype or base_model.model.get_dtype()
     dtype = weight_dtype or compute_dtype
     try:

@@ -16,6 +16,7 @@ child-major, child k of row r at k * P + r.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -52,8 +53,12 @@ def sample_drm_stepwise(model: Callable[..., Tensor], x: Tensor, sigmas: Tensor,
     drawn from all B * K children with weights softmax(reward / temperature), so rows may change item:
     use it when all rows share one prompt).
 
-    All randomness comes from one generator on x.device seeded with `seed`, else extra_args["seed"],
-    else 0. on_step(i, chosen_scores [B], candidate_scores) runs after each step: chosen_scores are the
+    Each batch item draws its candidates' noise from its own generator on x.device, seeded from
+    `seed` (else extra_args["seed"], else 0) and the item's starting latent, which ComfyUI's
+    prepare_noise draws from (seed, batch_index): an item gives the same result alone (say through
+    LatentFromBatch) or in any batch, in greedy and beam mode. Resample mode mixes rows on purpose, so
+    there an item's result depends on the batch. on_step(i, chosen_scores [B], candidate_scores) runs
+    after each step: chosen_scores are the
     kept states' rewards (all NaN on steps that did not branch, as nothing was scored there);
     candidate_scores are None on those steps, else [B, K] (beam: [B, beam_width * K], column
     k * beam_width + w is child k of beam w; resample: row b holds the children of current row b).
@@ -63,7 +68,8 @@ def sample_drm_stepwise(model: Callable[..., Tensor], x: Tensor, sigmas: Tensor,
     start, end = _check_args(sigmas, branches, eta, mode, beam_width, temperature, window)
     if seed is None:
         seed = extra_args.get("seed") or 0
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generators = item_generators(x, seed)
+    resample_generator = torch.Generator(device=x.device).manual_seed(seed)
     interrupt = interrupt or (lambda: None)
 
     batch = x.shape[0]
@@ -81,13 +87,13 @@ def sample_drm_stepwise(model: Callable[..., Tensor], x: Tensor, sigmas: Tensor,
         mean, std = sde_mean_std(states, denoised, sigma, sigma_next, eta)
 
         if not (start <= i < end and sigma_next > 0):
-            states = _children(mean, std, 1, generator)[0].to(x.dtype)
+            states = _children(mean, std, 1, generators, origin)[0].to(x.dtype)
             if on_step is not None:
                 on_step(i, torch.full((batch,), float("nan"), device=x.device), None)
             continue
 
         # All children of all states go to one reward call: row k * P + r is child k of state r.
-        children = _children(mean, std, branches, generator).flatten(0, 1).to(x.dtype)
+        children = _children(mean, std, branches, generators, origin).flatten(0, 1).to(x.dtype)
         child_origin = origin.repeat(branches)
         interrupt()
         scores = reward_fn(children, sigma_next, child_origin)
@@ -95,9 +101,12 @@ def sample_drm_stepwise(model: Callable[..., Tensor], x: Tensor, sigmas: Tensor,
             raise ValueError(f"reward_fn must return one score per candidate, shape [{children.shape[0]}], "
                              f"got {tuple(scores.shape)}; reduce each candidate to a scalar.")
         scores = scores.to(device=x.device, dtype=torch.float32)
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"reward_fn returned NaN or infinite scores at step {i} (sigma {float(sigma_next):.4f}); "
+                             "keeping the best of them would pick at random. Run the reward model in bf16 or fp32.")
 
         if mode == "resample":
-            keep = _resample(scores, batch, temperature, generator)
+            keep = _resample(scores, batch, temperature, resample_generator)
             chosen, candidates = scores[keep], scores.view(branches, batch).T
             origin = child_origin[keep]
         else:
@@ -137,9 +146,28 @@ def _check_args(sigmas: Tensor, branches: int, eta: float, mode: str, beam_width
     return start, end
 
 
-def _children(mean: Tensor, std: Tensor, k: int, generator: torch.Generator) -> Tensor:
-    """k draws from N(mean, std^2) per row -> [k, *mean.shape], float32."""
-    noise = torch.randn((k, *mean.shape), generator=generator, device=mean.device, dtype=torch.float32)
+def item_generators(x: Tensor, seed: int) -> list[torch.Generator]:
+    """One generator per batch item of x [B, ...], on x's device, seeded from `seed` and the item's own
+    values: the same item gets the same generator whatever batch it is in."""
+    generators = []
+    for item in x.detach().float().cpu():
+        digest = hashlib.sha256(str(seed).encode() + item.numpy().tobytes()).digest()
+        generators.append(torch.Generator(device=x.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return generators
+
+
+def _children(mean: Tensor, std: Tensor, k: int, generators: list[torch.Generator], origin: Tensor) -> Tensor:
+    """k draws from N(mean, std^2) per row -> [k, *mean.shape], float32.
+
+    Row r descends from batch item origin[r]; each item's rows draw, in row order, from that item's
+    generator alone, so no item's noise depends on the others.
+    """
+    noise = torch.empty((k, *mean.shape), device=mean.device, dtype=torch.float32)
+    for item, generator in enumerate(generators):
+        rows = (origin == item).nonzero().flatten()
+        if len(rows):
+            draw = torch.randn((k, len(rows), *mean.shape[1:]), generator=generator, device=mean.device)
+            noise[:, rows] = draw
     return mean + std * noise
 
 

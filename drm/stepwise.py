@@ -98,7 +98,7 @@ def stepwise_ksampler(drm: LoadedDRM, trace: RewardTrace | None = None, **search
             # ComfyUI tiles a shorter conditioning batch over the latents: row r uses prompt r % n.
             parent_index = parent_index.to(context.device)
             return drm.score(candidates, sigma_next, context[parent_index % context.shape[0]],
-                             pooled[parent_index % pooled.shape[0]])
+                             pooled[parent_index % pooled.shape[0]], sampling_model=guider.model_patcher)
 
         def on_step(i, chosen, candidates):
             if trace is not None:

@@ -35,7 +35,12 @@ class DRMLoader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Weight precision. default lets ComfyUI pick for your device (bf16 or fp16 on GPUs)."),
                 io.Model.Input("model", optional=True,
-                               tooltip="The generator MODEL. Only adapter-format DRMs use it, to share its weights."),
+                               tooltip="The generator MODEL, from before any LoRA loader. Only adapter-format DRMs "
+                                       "use it, to share its weights."),
+                io.Combo.Input("backbone", options=["shared", "copy"], default="shared", optional=True,
+                               tooltip="Adapter DRMs only. shared: run on the MODEL's own weights (no extra memory). "
+                                       "copy: keep a copy of the blocks the DRM runs, so it scores the same while a "
+                                       "LoRA'd clone of the MODEL samples (needed for step-wise sampling with a LoRA)."),
             ],
             outputs=[DRMModel.Output(display_name="drm")],
         )
@@ -45,9 +50,10 @@ class DRMLoader(io.ComfyNode):
         return listed_in("drm", drm_name, "DRM file")
 
     @classmethod
-    def execute(cls, drm_name, weight_dtype, model=None) -> io.NodeOutput:
+    def execute(cls, drm_name, weight_dtype, model=None, backbone="shared") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("drm", drm_name)
-        return io.NodeOutput(load_drm(path, weight_dtype=WEIGHT_DTYPES[weight_dtype], base_model=model))
+        return io.NodeOutput(load_drm(path, weight_dtype=WEIGHT_DTYPES[weight_dtype], base_model=model,
+                                      own_backbone=backbone == "copy"))
 
 
 class DRMLoadConditioning(io.ComfyNode):

@@ -33,7 +33,8 @@ NEGATIVE = {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name":
 VAE = {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-vae.safetensors"}, "_meta": {"title": "Load VAE"},
        "pos": [0, 400]}
 DRM = {"class_type": "DRMLoader", "inputs": {"drm_name": "tiny-drm.safetensors", "weight_dtype": "default",
-                                             "model": ["1", 0]}, "_meta": {"title": "DRM Loader"}, "pos": [0, 520]}
+                                             "model": ["1", 0], "backbone": "shared"},
+       "_meta": {"title": "DRM Loader"}, "pos": [0, 520]}
 SAMPLING = {"seed": 42, "cfg": 4.5, "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0]}
 SEARCH = {"drm": ["5", 0], "branches": 4, "eta": 0.7, "mode": "greedy", "beam_width": 2, "temperature": 1.0,
           "window_start": 0, "window_end": -1}
@@ -103,7 +104,10 @@ WORKFLOWS = {
            "11": node("SaveImage", {"images": ["10", 0], "filename_prefix": "drm/best_of_batch"}, "Save", [2100, 0]),
            "12": node("PreviewAny", {"source": ["8", 1]}, "Scores", [1260, 300])}),
     "drm_lora_stepwise": base(
-        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 700]),
+        # the LoRA'd clone changes the MODEL's shared weights while it samples: the DRM keeps its own copy
+        **{"5": dict(DRM, inputs=dict(DRM["inputs"], backbone="copy"),
+                     _meta={"title": "DRM Loader (backbone: copy, as the LoRA'd MODEL samples)"}),
+           "6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 700]),
            "7": node("LoraLoaderModelOnly", {"model": ["1", 0], "lora_name": "tiny-sd35-step-grpo.safetensors",
                                              "strength_model": 1.0}, "Step-GRPO LoRA", [420, 0]),
            "8": node("DRMStepwiseKSampler", {"model": ["7", 0], "steps": 8, "latent_image": ["6", 0], "denoise": 1.0,

@@ -91,7 +91,8 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
 
     print("\n[3/3] In ComfyUI: the LoRA through ComfyUI's LoRA loader, plain sampling vs DRM step-wise search")
     model = comfy.sd.load_diffusion_model(str(base))
-    drm = load_drm(drm_file, base_model=model)
+    # Its own copy of the blocks it runs: the LoRA'd clone below changes the shared weights while it samples.
+    drm = load_drm(drm_file, base_model=model, own_backbone=True)
     # One latent per training prompt, so the table measures what the trainer's eval measures.
     positive = [[prompts.context, {"pooled_output": prompts.pooled}]]
     negative = [[prompts.negative_context, {"pooled_output": prompts.negative_pooled}]]

@@ -141,6 +141,9 @@ def evaluate(drm, pairs, cfg: DRMTrainConfig, latent_format, device, autocast: b
                 noise = torch.randn((2, len(index), *pairs.preferred.shape[1:]), generator=generator)
                 good, bad = pair_scores(drm, pairs, index, torch.full((len(index),), sigma), noise,
                                         latent_format, device, autocast)
+                if not (torch.isfinite(good).all() and torch.isfinite(bad).all()):
+                    raise ValueError(f"the DRM's held-out scores at sigma {sigma:.3f} are NaN or infinite (precision "
+                                     f"{cfg.precision}); its accuracy would be meaningless. Use precision fp32.")
                 correct.append((good > bad).float().cpu())
         correct = torch.cat(correct)
         result[f"acc_sigma_{low:.2f}_{high:.2f}"] = correct.mean().item()
@@ -292,6 +295,10 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
             good, bad = pair_scores(model, train, index[rank], sigmas[rank], noise[:, rank], latent_format, device,
                                     autocast)
             loss = -F.logsigmoid(good - bad).mean()
+            if not torch.isfinite(loss):
+                raise ValueError(f"the DRM's scores are NaN or infinite at step {step + 1} (precision {cfg.precision}), "
+                                 "so this step is not applied; the last checkpoint in out is intact. Use precision "
+                                 "fp32 or a lower lr, and resume with --resume.")
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, cfg.grad_clip)

@@ -16,6 +16,9 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """(R - mean) / (std + eps) along the last dim (one group per row). A group of equal rewards gives 0."""
     if rewards.shape[-1] < 2:
         raise ValueError(f"a group needs at least 2 members to normalise rewards, got {rewards.shape[-1]}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"{(~torch.isfinite(rewards)).sum().item()} rewards are NaN or infinite; their advantages "
+                         "would be too. Run the reward model in bf16 or fp32.")
     mean = rewards.mean(dim=-1, keepdim=True)
     std = rewards.std(dim=-1, keepdim=True, unbiased=False)
     advantages = (rewards - mean) / (std + eps)

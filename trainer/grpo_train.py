@@ -367,6 +367,10 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                                      scale=1.0 / cfg.grad_accum)
                 for key, value in {**stats, **losses}.items():
                     totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+            if not math.isfinite(totals["loss"]):
+                raise ValueError(f"the policy loss is {totals['loss']} at iteration {iteration + 1}, so this step is not "
+                                 "applied; the last checkpoint in out is intact. Lower lr, or set clip_range and "
+                                 "grad_clip; resume with --resume.")
             if world > 1:  # data parallel over the LoRA parameters: average the gradients
                 for p in params:
                     torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)

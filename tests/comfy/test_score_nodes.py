@@ -156,3 +156,19 @@ def test_cached_conditioning_node_round_trips(nodes_mod):
     expected = tiny_conditioning(seed=0)
     assert torch.equal(cond[0][0], expected[0][0])
     assert torch.equal(cond[0][1]["pooled_output"], expected[0][1]["pooled_output"])
+
+
+@pytest.mark.parametrize("weight_dtype, overflows", [("fp16", True), ("bf16", False), ("fp32", False)])
+def test_a_score_that_overflows_is_refused_naming_the_dtype(nodes_mod, prompts, weight_dtype, overflows):
+    """fp16 weights overflow on a large latent (3e4: 1.5305 * 3e4 summed over a 2x2x16 patch); bf16 and fp32 do not."""
+    from drm.runtime import NonFiniteScores
+
+    drm = nodes_mod.loader.DRMLoader.execute(DRM_FILE, weight_dtype).args[0]
+    latent = {"samples": torch.full((2, 16, 16, 16), 3e4)}
+    if not overflows:
+        scores, _, _ = score(nodes_mod, drm, latent, prompts[0])
+        assert all(torch.isfinite(torch.tensor(scores)))
+        return
+    with pytest.raises(NonFiniteScores, match=r"NaN or infinite scores for 2 of 2 latents, with its weights in "
+                                              r"float16.*bf16 or fp32"):
+        score(nodes_mod, drm, latent, prompts[0])

@@ -110,6 +110,39 @@ def test_sampler_node_runs_under_sampler_custom_advanced(nodes_mod, drm, setup):
     assert out["samples"].shape == (2, 16, 16, 16) and torch.isfinite(out["samples"]).all()
 
 
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_a_batch_item_is_the_same_alone_through_latent_from_batch(nodes_mod, drm, setup, mode):
+    """Item 2 of a batch of 3, sampled again alone (LatentFromBatch, batch_index 2) with the same seed."""
+    import nodes as comfy_nodes
+
+    batch = empty(3)
+    (alone,) = comfy_nodes.LatentFromBatch().frombatch(batch, 2, 1)
+    together = stepwise(nodes_mod, drm, setup, batch, branches=3, mode=mode)[0]["samples"]
+    single = stepwise(nodes_mod, drm, setup, alone, branches=3, mode=mode)[0]["samples"]
+    assert (single[0] - together[2]).abs().max() < 1e-4, (single[0] - together[2]).abs().max()
+    assert (together[2] - together[1]).abs().max() > 0.1  # items differ: the match above means something
+
+
+def test_a_batch_item_is_the_same_alone_under_sampler_custom_advanced(nodes_mod, drm, setup):
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as custom
+
+    import nodes as comfy_nodes
+    from drm.stepwise import schedule_sigmas
+
+    model = setup["model"]
+    sampler = nodes_mod.stepwise.SamplerDRMStepwise.execute(drm, 3, 0.7, "greedy", 2, 1.0, 0, -1).args[0]
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(setup["positive"], setup["negative"])
+    guider.set_cfg(2.0)
+    sigmas = schedule_sigmas(model.get_model_object("model_sampling"), "simple", STEPS)
+    batch = empty(3)
+    (alone,) = comfy_nodes.LatentFromBatch().frombatch(batch, 2, 1)
+    together, _ = custom.SamplerCustomAdvanced().sample(custom.Noise_RandomNoise(7), guider, sampler, sigmas, batch)
+    single, _ = custom.SamplerCustomAdvanced().sample(custom.Noise_RandomNoise(7), guider, sampler, sigmas, alone)
+    assert (single["samples"][0] - together["samples"][2]).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(branches=0), "branches must be >= 1"),
     (dict(eta=-0.1), "eta must be >= 0"),
@@ -170,10 +203,10 @@ def test_cancel_stops_sampling(nodes_mod, drm, setup):
     scored = []
     original = drm.score
 
-    def cancel_after_first_batch(*args):
+    def cancel_after_first_batch(*args, **kwargs):
         scored.append(1)
         mm.interrupt_current_processing(True)
-        return original(*args)
+        return original(*args, **kwargs)
 
     drm.score = cancel_after_first_batch
     try:
@@ -200,3 +233,14 @@ def test_scoring_does_not_reload_models_every_step(nodes_mod, drm, setup, monkey
     monkeypatch.setattr(mm, "load_models_gpu", counting)
     stepwise(nodes_mod, drm, setup, empty())
     assert len(calls) == 1 and drm.patcher in calls[0]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam", "resample"])
+def test_overflowing_drm_scores_stop_the_search_naming_the_dtype(nodes_mod, setup, mode):
+    """An fp16 DRM on huge latents would otherwise "keep the best" of NaNs and return a trace of NaNs."""
+    from drm.runtime import NonFiniteScores
+
+    fp16 = nodes_mod.loader.DRMLoader.execute("tiny-drm.safetensors", "fp16").args[0]
+    latent = {"samples": torch.full((2, 16, 16, 16), 3e4)}
+    with pytest.raises(NonFiniteScores, match="float16.*bf16 or fp32"):
+        stepwise(nodes_mod, fp16, setup, latent, mode=mode, denoise=0.3)

@@ -674,3 +674,10 @@ def test_trainer_modules_do_not_import_comfy():
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_rewards_are_refused_before_they_become_advantages(bad):
+    rewards = torch.tensor([[0.1, 0.5, bad, 0.2]])
+    with pytest.raises(ValueError, match="1 rewards are NaN or infinite"):
+        group_advantages(rewards)

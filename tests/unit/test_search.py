@@ -193,3 +193,29 @@ def test_callback_sees_the_original_batch_and_interrupt_runs_before_each_call():
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=rf"^{name} must"):
         run(**kwargs)
+
+
+@pytest.mark.parametrize(("mode", "extra"), [("greedy", {}), ("beam", {"beam_width": 3})])
+def test_an_item_gives_the_same_result_alone_or_in_any_batch(mode, extra):
+    """Each item draws its candidates from its own generator (seed + its starting latent), as ComfyUI's
+    prepare_noise gives item b the same starting noise alone (LatentFromBatch) or in a batch."""
+    x = start_noise(5, seed=3)
+    together = run(x, mode=mode, branches=3, seed=11, **extra)
+    alone = run(x[2:3], mode=mode, branches=3, seed=11, **extra)
+    reordered = run(x[[4, 2, 0]], mode=mode, branches=3, seed=11, **extra)
+    torch.testing.assert_close(alone[0], together[2], rtol=0, atol=0)
+    torch.testing.assert_close(reordered[1], together[2], rtol=0, atol=0)
+    # and items still get different noise: two items that start alike end alike, others do not
+    twins = run(torch.cat([x[:1], x[:1], x[1:2]]), mode=mode, branches=3, seed=11, **extra)
+    assert torch.equal(twins[0], twins[1]) and not torch.equal(twins[0], twins[2])
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam", "resample"])
+def test_non_finite_rewards_stop_the_search(mode):
+    def some_nan(candidates, sigma_next, parent_index):
+        scores = linear_reward(candidates, sigma_next, parent_index)
+        scores[1] = float("nan")
+        return scores
+
+    with pytest.raises(ValueError, match="NaN or infinite scores at step 0"):
+        run(mode=mode, reward_fn=some_nan)
