@@ -7,6 +7,8 @@ import io
 import numpy as np
 import torch
 
+from .checkpoint import atomic_path
+
 
 def _figure_to_image(fig) -> torch.Tensor:
     """A matplotlib figure as a ComfyUI IMAGE, [1, H, W, 3] floats in [0, 1]."""
@@ -73,5 +75,6 @@ def training_curves_png(metrics_csv, path, title: str = "training") -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -21,6 +21,7 @@ from .runs import (
     append_csv,
     check_out_dir,
     load_checkpoint,
+    rewind_metrics,
     save_checkpoint,
     stop_on_signals,
     warmup_scheduler,
@@ -270,11 +271,14 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     scheduler = warmup_scheduler(optimizer, cfg.warmup_steps)
     step = load_state(out, drm, optimizer, scheduler) if cfg.resume else 0
     model, optimizer = accelerator.prepare(drm, optimizer)
+    metrics_file = out / "metrics.csv"
     if accelerator.is_main_process:
         write_run_file(cfg)
+        # The rows logged after the checkpoint (before a kill) are logged again from here; a run
+        # starting over keeps none of the one before.
+        rewind_metrics(metrics_file, "step", step if cfg.resume else -1)
 
     per_rank = cfg.batch_size // accelerator.num_processes
-    metrics_file = out / "metrics.csv"
     last_eval: dict = {}
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="DRM")
     stopping = False

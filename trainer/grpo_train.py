@@ -12,17 +12,22 @@ import contextlib
 import csv
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from drm.checkpoint import atomic_path
+
 from .config import ConfigError, field, to_dict
 from .runs import (
     append_csv,
     check_out_dir,
     load_checkpoint,
+    remove_files_after,
+    rewind_metrics,
     save_checkpoint,
     stop_on_signals,
     warmup_scheduler,
@@ -215,8 +220,8 @@ def save_grid(latents: torch.Tensor, base, path: Path, columns: int) -> None:
     for i, image in enumerate(images):
         tile = Image.fromarray((image.numpy() * 255).round().astype("uint8"))
         grid.paste(tile, ((i % columns) * w, (i // columns) * h))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
 
 
 def reward_curve_png(metrics_csv: Path, path: Path, title: str) -> None:
@@ -240,7 +245,8 @@ def reward_curve_png(metrics_csv: Path, path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -319,8 +325,15 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     iteration, ema = load_state(out, policy.lora, optimizer, scheduler) if cfg.resume else (0, None)
     if cfg.ema and ema is None:
         ema = [p.detach().clone() for p in params]
+    metrics_file = out / "metrics.csv"
     if accelerator.is_main_process:
         write_run_file(cfg)
+        # What was written after the checkpoint (before a kill) is written again from here; a run
+        # starting over keeps none of the one before.
+        done = iteration if cfg.resume else -1
+        rewind_metrics(metrics_file, "iteration", done)
+        remove_files_after(out / "eval", r"step(\d+)\.png", done)
+        remove_files_after(out / "loras", re.escape(base.name) + r"-(\d+)\.safetensors", done)
 
     def reward(x, sigma, rows):
         return drm.score(x, sigma, cond.context[rows], cond.pooled[rows])
@@ -334,7 +347,6 @@ def train_grpo(cfg: GRPOConfig) -> dict:
 
     per_rank = cfg.batch_size // world
     positions = range(rank * per_rank, (rank + 1) * per_rank)
-    metrics_file = out / "metrics.csv"
     last: dict = {}
     if iteration == 0:
         last = {"iteration": 0, "eval_reward": run_eval("step0000")}

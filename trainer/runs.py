@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import re
 import shutil
 import signal
 from collections.abc import Iterator
@@ -41,13 +42,37 @@ def check_out_dir(cfg, resumable: set[str]) -> None:
 
 
 def write_run_file(cfg) -> None:
-    """Mark `out` as this run's. Starting over a run that never saved drops that run's metrics rows."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_file = out / "run.json"
-    if not cfg.resume and run_file.exists():
-        (out / "metrics.csv").unlink(missing_ok=True)
-    run_file.write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
+    """Mark `out` as this run's (run.json, the settings --resume compares against)."""
+    from drm.checkpoint import atomic_path
+
+    with atomic_path(Path(cfg.out) / "run.json") as tmp:
+        tmp.write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
+
+
+def rewind_metrics(path: Path, key: str, done: int) -> None:
+    """Keep the metrics rows up to the checkpoint (`key` <= done), so a resumed run does not log the steps
+    between its last checkpoint and a kill twice; a row cut short by a kill goes too. done = 0 drops all."""
+    if not path.exists():
+        return
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        rows = [r for r in reader if None not in r.values() and None not in r and r[key].isdigit()
+                and int(r[key]) <= done]
+    from drm.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def remove_files_after(folder: Path, pattern: str, done: int) -> None:
+    """Delete the files in `folder` whose name matches `pattern` (one group: a step number) past `done`."""
+    for file in folder.glob("*") if folder.is_dir() else []:
+        match = re.fullmatch(pattern, file.name)
+        if match and int(match.group(1)) > done:
+            file.unlink()
 
 
 def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:

@@ -261,3 +261,46 @@ def test_encoding_cache_identity_follows_the_vae_file(files, tmp_path):
     ids = [load_base(base, vae_path=str(tmp_path / f"vae{seed}.safetensors")).vae_id for seed in (0, 1)]
     assert ids[0] != ids[1] and ids[0].startswith("vae0.safetensors:")
     assert load_base(base).vae_id.startswith("tiny-sd35.safetensors:")
+
+
+def test_scores_that_overflow_stop_training_with_the_fix(files, tmp_path, capsys):
+    """Latents far outside SD3's range (finite, so the data checks pass) overflow the DRM: no NaN step is applied."""
+    from trainer.data import EncodedPairs
+
+    pairs = EncodedPairs.load(files / "pairs.safetensors")
+    pairs.preferred.mul_(1e36)
+    pairs.save(tmp_path / "huge.safetensors")
+    argv = cli(files, tmp_path / "o", "--max-steps", "3", "--save-every", "1", "--log-every", "1")
+    argv[argv.index("--data") + 1] = str(tmp_path / "huge.safetensors")
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "NaN or infinite at step 1 (precision fp32), so this step is not applied" in err, err
+    assert not (tmp_path / "o" / "checkpoint").exists()
+
+
+def kill_after_rows(argv: list[str], out: Path, rows: int) -> None:
+    """Start `python -m trainer ...`, SIGKILL it once its metrics.csv has at least `rows` rows."""
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if (out / "metrics.csv").exists() and len(metrics(out)) >= rows:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the kill"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(files, tmp_path):
+    import random
+
+    kill_at = random.Random().randint(4, 8)  # after the step-3 checkpoint, anywhere up to the next-but-one
+    common = ("--max-steps", "10", "--save-every", "3", "--log-every", "1", "--eval-every", "5")
+    assert run(cli(files, tmp_path / "whole", *common)) == 0
+    killed = tmp_path / "killed"
+    kill_after_rows(cli(files, killed, *common), killed, kill_at)
+    assert run(cli(files, killed, *common, "--resume")) == 0
+    assert metrics(killed) == metrics(tmp_path / "whole"), f"killed after {kill_at} rows"

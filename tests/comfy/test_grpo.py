@@ -215,3 +215,46 @@ def test_drm_for_another_model_is_refused_before_loading(demo, tmp_path, capsys)
 def test_bad_group_sizes_are_refused(demo, tmp_path, capsys, flags, message):
     assert run(grpo_cli(demo[0], tmp_path / "o", *flags)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_with_the_fix_instead_of_training_on_nan(demo, tmp_path, capsys):
+    """A learning rate that blows the LoRA up: the next rewards are NaN, and the run says so and stops."""
+    assert run(grpo_cli(demo[0], tmp_path / "o", "--iterations", "4", "--lr", "1e12", "--eval-every", "100")) == 2
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "Traceback" not in err, err
+
+
+def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(demo, tmp_path):
+    """Metrics rows, eval grids and LoRA snapshots after a kill and --resume are those of a run never killed."""
+    import random
+
+    from safetensors.torch import load_file
+
+    kill_at = random.Random().randint(5, 8)  # rows: iteration 0, then one per iteration; checkpoints every 3
+    common = ("--iterations", "9", "--save-every", "3", "--eval-every", "2")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run(grpo_cli(demo[0], whole, *common)) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *grpo_cli(demo[0], killed, *common)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if (killed / "metrics.csv").exists() and len(metrics(killed)) >= kill_at:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the kill"
+    proc.kill()
+    proc.wait()
+    assert run(grpo_cli(demo[0], killed, *common, "--resume")) == 0
+
+    def without_time(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert without_time(metrics(killed)) == without_time(metrics(whole)), f"killed after {kill_at} rows"
+    for folder in ("eval", "loras"):
+        names = sorted(p.name for p in (whole / folder).iterdir())
+        assert sorted(p.name for p in (killed / folder).iterdir()) == names, folder
+    for name in sorted(p.name for p in (whole / "eval").iterdir()):
+        assert (killed / "eval" / name).read_bytes() == (whole / "eval" / name).read_bytes(), name
+    for name in sorted(p.name for p in (whole / "loras").iterdir()):
+        a, b = load_file(str(whole / "loras" / name)), load_file(str(killed / "loras" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from trainer.config import ConfigError
-from trainer.runs import check_out_dir, load_checkpoint, save_checkpoint, stop_on_signals, write_run_file
+from trainer.runs import (
+    check_out_dir,
+    load_checkpoint,
+    remove_files_after,
+    rewind_metrics,
+    save_checkpoint,
+    stop_on_signals,
+    write_run_file,
+)
 
 RESUMABLE = {"max_steps", "resume"}
 
@@ -48,8 +56,20 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_started_over(tmp_path)
     write_run_file(Run(str(tmp_path)))
     (tmp_path / "metrics.csv").write_text("step,loss\n1,0.7\n", encoding="utf-8")
     check_out_dir(Run(str(tmp_path)), RESUMABLE)  # nothing saved, so nothing to lose
-    write_run_file(Run(str(tmp_path)))
-    assert not (tmp_path / "metrics.csv").exists()  # the aborted run's rows do not mix into the new run's
+    rewind_metrics(tmp_path / "metrics.csv", "step", -1)  # what a trainer does when it starts over
+    assert (tmp_path / "metrics.csv").read_text(encoding="utf-8") == "step,loss\n"  # no rows of the aborted run
+
+
+def test_rewinding_keeps_what_the_checkpoint_holds_and_drops_a_cut_row(tmp_path):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,loss,acc\n1,0.7,\n2,0.6,0.5\n3,0.5,\n4,0.4,\n5,0.3", encoding="utf-8")  # 5: cut short
+    rewind_metrics(metrics, "step", 3)
+    assert metrics.read_text(encoding="utf-8").splitlines() == ["step,loss,acc", "1,0.7,", "2,0.6,0.5", "3,0.5,"]
+    (tmp_path / "eval").mkdir()
+    for name in ("step0000.png", "step0003.png", "step0004.png", "step0010.png", "notes.txt"):
+        (tmp_path / "eval" / name).write_bytes(b"x")
+    remove_files_after(tmp_path / "eval", r"step(\d+)\.png", 3)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["notes.txt", "step0000.png", "step0003.png"]
 
 
 def test_checkpoint_swap_keeps_one_complete_checkpoint(tmp_path):
