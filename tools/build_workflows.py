@@ -59,7 +59,7 @@ def base(**extra) -> dict:
 
 WORKFLOWS = {
     "drm_score_midgraph": base(
-        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 2}, "Empty latent", [0, 700]),
+        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 2}, "Empty latent", [0, 760]),
            "7": node("KSamplerAdvanced", {"model": ["1", 0], "add_noise": "enable", "noise_seed": 42, "steps": 8,
                                           "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple",
                                           "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["6", 0],
@@ -80,7 +80,7 @@ WORKFLOWS = {
            "13": node("VAEDecode", {"samples": ["9", 0], "vae": ["4", 0]}, "VAE Decode", [840, 760]),
            "14": node("SaveImage", {"images": ["13", 0], "filename_prefix": "drm/score_midgraph"}, "Save", [1260, 760])}),
     "drm_stepwise_vs_ksampler": base(
-        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 700]),
+        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 760]),
            "7": node("KSampler", {"model": ["1", 0], "steps": 8, "sampler_name": "euler", "latent_image": ["6", 0],
                                   "denoise": 1.0, **SAMPLING}, "KSampler (plain, same seed)", [420, 0]),
            "8": node("DRMStepwiseKSampler", {"model": ["1", 0], "steps": 8, "latent_image": ["6", 0], "denoise": 1.0,
@@ -94,7 +94,7 @@ WORKFLOWS = {
            "14": node("VAEDecode", {"samples": ["8", 0], "vae": ["4", 0]}, "VAE Decode", [840, 860]),
            "15": node("SaveImage", {"images": ["14", 0], "filename_prefix": "drm/stepwise"}, "Save", [1260, 860])}),
     "drm_best_of_batch": base(
-        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 4}, "Empty latent", [0, 700]),
+        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 4}, "Empty latent", [0, 760]),
            "7": node("KSampler", {"model": ["1", 0], "steps": 8, "sampler_name": "euler", "latent_image": ["6", 0],
                                   "denoise": 1.0, **SAMPLING}, "KSampler (batch of 4)", [420, 0]),
            "8": dict(score(["7", 0]), _meta={"title": "DRM Score Latent (sorts best first)"}, pos=[840, 0]),
@@ -107,7 +107,7 @@ WORKFLOWS = {
         # the LoRA'd clone changes the MODEL's shared weights while it samples: the DRM keeps its own copy
         **{"5": dict(DRM, inputs=dict(DRM["inputs"], backbone="copy"),
                      _meta={"title": "DRM Loader (backbone: copy, as the LoRA'd MODEL samples)"}),
-           "6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 700]),
+           "6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 760]),
            "7": node("LoraLoaderModelOnly", {"model": ["1", 0], "lora_name": "tiny-sd35-step-grpo.safetensors",
                                              "strength_model": 1.0}, "Step-GRPO LoRA", [420, 0]),
            "8": node("DRMStepwiseKSampler", {"model": ["7", 0], "steps": 8, "latent_image": ["6", 0], "denoise": 1.0,
@@ -117,7 +117,7 @@ WORKFLOWS = {
            "11": node("VAEDecode", {"samples": ["8", 0], "vae": ["4", 0]}, "VAE Decode", [1260, 420]),
            "12": node("SaveImage", {"images": ["11", 0], "filename_prefix": "drm/lora_stepwise"}, "Save", [1680, 420])}),
     "drm_custom_sampler": base(
-        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 700]),
+        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 760]),
            "7": node("RandomNoise", {"noise_seed": 42}, "Noise", [420, 0]),
            "8": node("CFGGuider", {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 4.5},
                      "CFG guider", [420, 160]),

@@ -77,6 +77,24 @@ def run_graph(page, timeout: float = 600) -> None:
     time.sleep(1.5)  # let the frontend draw the outputs it was sent
 
 
+def fit_readable(page) -> None:
+    """Frame the whole graph, but never below 65% zoom: below about 60% the frontend draws nodes
+    without their text (its low-quality mode), so the viewport is made large enough instead."""
+    page.evaluate("""() => {
+        const canvas = window.app.canvas, nodes = window.app.graph._nodes, title = LiteGraph.NODE_TITLE_HEIGHT;
+        const left = Math.min(...nodes.map(n => n.pos[0])), top = Math.min(...nodes.map(n => n.pos[1] - title));
+        const right = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
+        const bottom = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+        const rect = canvas.canvas.getBoundingClientRect();
+        const scale = Math.max(0.65, Math.min(1, (rect.width - 160) / (right - left), (rect.height - 160) / (bottom - top)));
+        canvas.ds.scale = scale;
+        canvas.ds.offset = [80 / scale - left, 100 / scale - top];
+        canvas.setDirty(true, true);
+        canvas.draw(true, true);
+    }""")
+    time.sleep(0.5)
+
+
 def node_box(page, node_id: int) -> dict:
     """Put the node at the top left at 100% zoom; its rectangle on the page, title included."""
     return page.evaluate("""id => {
@@ -114,7 +132,7 @@ def main() -> None:
     captured: set[str] = set()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1800, "height": 1100})
+        page = browser.new_page(viewport={"width": 2400, "height": 1300})
         open_frontend(page, args.server)
         if not args.check:
             save_templates_dialog(page, args.pack_folder, args.out)
@@ -124,6 +142,7 @@ def main() -> None:
                 print(f"{path.stem}: opens with no missing nodes")
                 continue
             run_graph(page)
+            fit_readable(page)
             page.screenshot(path=str(args.out / f"ui-{path.stem}.jpg"), type="jpeg", quality=85)
             nodes = page.evaluate("() => window.app.graph._nodes.map(n => [n.id, n.type])")
             for node_id, node_type in nodes:
