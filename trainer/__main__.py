@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except ComfyUIUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .runs import RunInterrupted
+
     if args.command == "demo":
         from .demo import run_demo
 
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except RunInterrupted as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            return 130
     else:
         from .drm_train import train_drm
         from .grpo_train import train_grpo
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # bad data or models: a clear message, nothing half-written
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except RunInterrupted:  # its message is printed; the checkpoint makes --resume continue exactly
+            return 0
     return 0
 
 

@@ -76,7 +76,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
                              mode="adapter", max_steps=drm_steps, batch_size=16, lr=1e-3, precision="fp32",
                              eval_every=drm_steps, log_every=10, seed=seed)
     drm_cfg.validate()
-    accuracy = train_drm(drm_cfg)
+    accuracy = stage("1 (DRM training)", train_drm, drm_cfg)
     drm_file = next((root / "drm").glob("drm-*.safetensors"))
 
     print(f"\n[2/3] Step-GRPO against that DRM ({grpo_iterations} iterations, K = 4 siblings, 6 steps)")
@@ -85,7 +85,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
                           iterations=grpo_iterations, eval_every=10, save_every=grpo_iterations, lr=1e-3,
                           lora_rank=8, lora_alpha=8.0, seed=seed)
     grpo_cfg.validate()
-    last = train_grpo(grpo_cfg)
+    last = stage("2 (Step-GRPO)", train_grpo, grpo_cfg)
     lora_file = root / "grpo" / "tiny-sd35-step-grpo.safetensors"
     rewards = [float(r["eval_reward"]) for r in _csv(root / "grpo" / "metrics.csv") if r["eval_reward"]]
 
@@ -128,6 +128,18 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
               "the example workflows run as they are.")
     print(f"Done in {summary['seconds']} s.")
     return summary | {"last": last}
+
+
+def stage(name: str, train, cfg):
+    """Run one trainer; if Ctrl-C or SIGTERM stops it, stop the demo too, saying where (the later
+    stages need what it would have written)."""
+    from .runs import RunInterrupted
+
+    try:
+        return train(cfg)
+    except RunInterrupted as e:
+        raise RunInterrupted(f"the demo stopped in stage {name}: {e.args[0].split(';')[0]}. Its files are in "
+                             f"{Path(cfg.out).parent}; run the demo again to start over.") from None
 
 
 def prepare_out(root: Path) -> Path:

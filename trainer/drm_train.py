@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from .config import ConfigError, field
 from .runs import (
+    RunInterrupted,
     append_csv,
     check_out_dir,
     load_checkpoint,
@@ -234,7 +235,10 @@ def write_drm(cfg: DRMTrainConfig, drm, base_name: str, step: int, metrics: dict
 # ---- the loop ----
 
 def train_drm(cfg: DRMTrainConfig) -> dict:
-    """Train and write the DRM; returns the last evaluation. SIGINT saves a resumable checkpoint."""
+    """Train and write the DRM; returns the last evaluation.
+
+    Ctrl-C or SIGTERM saves a resumable checkpoint after the current step and raises RunInterrupted.
+    """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -326,9 +330,10 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
             if step % cfg.save_every == 0 or stopping:
                 _save(accelerator, out, model, optimizer, scheduler, step)
     if stopping:
+        message = f"Interrupted at step {step}; a checkpoint is saved. Continue with --resume."
         if accelerator.is_main_process:
-            print(f"Interrupted at step {step}; a checkpoint is saved. Continue with --resume.")
-        return last_eval
+            print(message)
+        raise RunInterrupted(message)
     _save(accelerator, out, model, optimizer, scheduler, step)
     if accelerator.is_main_process:
         path = write_drm(cfg, accelerator.unwrap_model(model), base.name, step, last_eval)

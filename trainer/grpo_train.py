@@ -23,6 +23,7 @@ from drm.checkpoint import atomic_path
 
 from .config import ConfigError, field, to_dict
 from .runs import (
+    RunInterrupted,
     append_csv,
     check_out_dir,
     load_checkpoint,
@@ -287,7 +288,10 @@ def load_state(out: Path, lora, optimizer, scheduler) -> tuple[int, list | None]
 # ---- the loop ----
 
 def train_grpo(cfg: GRPOConfig) -> dict:
-    """Train; returns the last metrics row. SIGINT saves a resumable checkpoint."""
+    """Train and write the LoRA; returns the last metrics row.
+
+    Ctrl-C or SIGTERM saves a resumable checkpoint after the current iteration and raises RunInterrupted.
+    """
     import comfy.model_management
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -415,9 +419,10 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             if iteration % cfg.save_every == 0 or stopping:
                 _save(accelerator, out, policy, ema, params, optimizer, scheduler, iteration, cfg, base.name)
     if stopping:
+        message = f"Interrupted at iteration {iteration}; a checkpoint is saved. Continue with --resume."
         if accelerator.is_main_process:
-            print(f"Interrupted at iteration {iteration}; a checkpoint is saved. Continue with --resume.")
-        return last
+            print(message)
+        raise RunInterrupted(message)
     _save(accelerator, out, policy, ema, params, optimizer, scheduler, iteration, cfg, base.name)
     if accelerator.is_main_process:
         final = out / f"{base.name}-{cfg.algorithm}.safetensors"

@@ -128,6 +128,10 @@ def append_csv(path: Path, row: dict, columns: list[str]) -> None:
         writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a run, which saved a checkpoint first; the message says how to go on."""
+
+
 class StopRequest:
     """Set by Ctrl-C (SIGINT) or SIGTERM, which torchrun forwards and job schedulers send before a kill."""
 

@@ -258,3 +258,18 @@ def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(demo, tmp_path):
     for name in sorted(p.name for p in (whole / "loras").iterdir()):
         a, b = load_file(str(whole / "loras" / name)), load_file(str(killed / "loras" / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_demo_stopped_by_ctrl_c_exits_130_with_a_message(tmp_path, monkeypatch, capsys):
+    """Whatever stops a stage (Ctrl-C, SIGTERM), the demo says so and exits; it never crashes further on."""
+    import trainer.drm_train
+    from trainer.runs import RunInterrupted
+
+    def interrupted(cfg):
+        raise RunInterrupted("Interrupted at step 12; a checkpoint is saved. Continue with --resume.")
+
+    monkeypatch.setattr(trainer.drm_train, "train_drm", interrupted)
+    assert run(["demo", "--out", str(tmp_path / "demo")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("stopped: the demo stopped in stage 1 (DRM training): Interrupted at step 12.") and \
+        "Traceback" not in err, err

@@ -108,3 +108,18 @@ def test_stop_is_agreed_through_a_sum_over_processes():
 
     with stop_on_signals() as request:
         assert request.agreed(TwoProcesses())
+
+
+def test_a_stopped_demo_stage_stops_the_demo_saying_where(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.demo import stage
+    from trainer.runs import RunInterrupted
+
+    def interrupted(cfg):
+        raise RunInterrupted("Interrupted at iteration 7; a checkpoint is saved. Continue with --resume.")
+
+    with pytest.raises(RunInterrupted, match=r"stage 2 \(Step-GRPO\): Interrupted at iteration 7\. .*run the demo "
+                                             r"again to start over"):
+        stage("2 (Step-GRPO)", interrupted, SimpleNamespace(out=str(tmp_path / "grpo")))
+    assert stage("1", lambda cfg: {"acc": 1.0}, None) == {"acc": 1.0}
