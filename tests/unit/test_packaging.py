@@ -61,3 +61,21 @@ def test_no_compiled_files_are_tracked_or_packed():
     for ignore_file in (".gitignore", ".comfyignore"):
         patterns = (REPO / ignore_file).read_text(encoding="utf-8").splitlines()
         assert {"__pycache__/", "*.py[cod]"} <= set(patterns), ignore_file
+
+
+def test_the_entry_file_imported_alone_registers_nothing_even_beside_comfyui(tmp_path):
+    """pytest imports a rootdir's __init__.py as a plain module when the folder's name is no Python identifier
+    (a clone into `comfyui-drm`): with ComfyUI importable, the relative import must not be tried then."""
+    (tmp_path / "comfy_api").mkdir()
+    (tmp_path / "comfy_api" / "__init__.py").write_text("")
+    (tmp_path / "comfy_api" / "latest.py").write_text("")
+    code = (
+        "import importlib.util, sys\n"
+        f"sys.path.insert(0, r'{tmp_path}')\n"
+        f"spec = importlib.util.spec_from_file_location('__init__', r'{REPO / '__init__.py'}')\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "assert module.comfy_entrypoint is None\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
