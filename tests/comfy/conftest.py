@@ -35,3 +35,44 @@ def official_state_dict(drm_sd: dict, depth: int) -> dict:
 def to_official():
     """official_state_dict, for tests that write DRMs in the authors' layout."""
     return official_state_dict
+
+
+def diffusers_sd3_transformer(comfy_sd: dict):
+    """A diffusers SD3Transformer2DModel (fp32, eval) holding a ComfyUI-named SD3 MMDiT's weights.
+
+    Its config is read from the tensors' shapes, so `drm.tiny.tiny_generator_state_dict(depth)` gives a
+    tiny SD3.5-architecture model in diffusers (rms qk-norm, dual attention in its first blocks); the
+    names go through ComfyUI's own key map (official_state_dict). Its forward(hidden_states=x,
+    encoder_hidden_states=context, pooled_projections=pooled, timestep=sigma * 1000).sample equals the
+    MMDiT's raw output (velocity-like: ComfyUI's denoised is x - sigma * output). Needs diffusers.
+    """
+    from diffusers import SD3Transformer2DModel
+
+    from drm.checkpoint import count_blocks
+
+    depth = count_blocks(comfy_sd)
+    hidden, in_channels, patch, _ = comfy_sd["x_embedder.proj.weight"].shape
+    pos_max = round(comfy_sd["pos_embed"].shape[1] ** 0.5)
+    model = SD3Transformer2DModel(
+        sample_size=pos_max * patch, patch_size=patch, in_channels=in_channels,
+        out_channels=comfy_sd["final_layer.linear.weight"].shape[0] // patch ** 2, num_layers=depth,
+        attention_head_dim=64, num_attention_heads=hidden // 64,
+        joint_attention_dim=comfy_sd["context_embedder.weight"].shape[1], caption_projection_dim=hidden,
+        pooled_projection_dim=comfy_sd["y_embedder.mlp.0.weight"].shape[1], pos_embed_max_size=pos_max,
+        dual_attention_layers=tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in comfy_sd),
+        qk_norm="rms_norm" if "joint_blocks.0.x_block.attn.ln_q.weight" in comfy_sd else None,
+    )
+    # ComfyUI's SD3 key map sizes the q/k/v split as depth * 64: SD3 models are 64 * depth wide
+    official = official_state_dict(comfy_sd, depth=hidden // 64)
+    model.load_state_dict({k.removeprefix("transformer."): v for k, v in official.items()}, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def to_diffusers():
+    """diffusers_sd3_transformer: a fresh diffusers SD3 transformer from comfy-named weights (skips without diffusers)."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"needs diffusers (pip install diffusers peft): {e}")
+    return diffusers_sd3_transformer
