@@ -27,3 +27,24 @@ def load_conditioning(path: str | os.PathLike) -> list:
         raise ValueError(f"conditioning file {Path(path).name} holds {sorted(tensors)[:4]}; expected exactly "
                          "`context` and `pooled` tensors (written by drm.conditioning.save_conditioning).")
     return [[tensors["context"], {"pooled_output": tensors["pooled"]}]]
+
+
+def by_context_length(fn, context: torch.Tensor, context_length: torch.Tensor | None, *rows: torch.Tensor):
+    """fn(context[idx, :L], *(r[idx] for r in rows)) for each group of rows whose prompt has L tokens,
+    put back together in row order.
+
+    context [B, T, C] holds prompts of different lengths right-padded with zeros to T; context_length
+    [B] says how many tokens each really has (None: all T). Zero tokens are not inert in the MMDiT,
+    so a padded prompt would score (and denoise) differently from the same prompt alone, as ComfyUI
+    runs it; here every row runs at its own length. `fn` returns [n, ...] for n rows.
+    """
+    if context_length is None or bool((context_length == context.shape[1]).all()):
+        return fn(context, *rows)
+    out = None
+    for length in context_length.unique().tolist():
+        index = (context_length == length).nonzero().flatten()
+        part = fn(context[index, :length], *(r[index] for r in rows))
+        if out is None:
+            out = part.new_empty((len(context_length), *part.shape[1:]))
+        out[index] = part
+    return out

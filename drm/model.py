@@ -93,8 +93,13 @@ class DRM(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
-        """Scores, [B]. `x` is a model-space latent at noise level timesteps / 1000."""
-        return self.reward_output(self.features(x, timesteps, context, y))
+        """Scores [B], float32. `x` is a model-space latent at noise level timesteps / 1000; pass float32
+        timesteps (ComfyUI's sinusoidal embedding rounds them to their dtype first)."""
+        features = self.features(x, timesteps, context, y)
+        # The head is float32, autocast or not: bf16 scores are 0.03 apart at |r| ~ 4, which makes ties
+        # among K candidates and +-1 advantages.
+        with torch.autocast(features.device.type, enabled=False):
+            return self.reward_output(features.float())
 
 
 def backbone_config(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -135,14 +140,16 @@ def build_drm(state_dict: dict[str, torch.Tensor], blocks: int, dtype: torch.dty
                          operations=operations)
         if keeps_all:
             del backbone.final_layer
+        head_dtype = None if device == "meta" else torch.float32  # see DRM.forward
         return (backbone, new_final_layer(backbone, dtype=dtype, device=device, operations=operations),
-                ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=dtype, device=device))
+                ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=head_dtype, device=device))
 
     built = parts(dtype, device, operations)
     templates = parts(None, "meta", nn)  # the shapes the architecture expects, at no memory cost
-    for module, template, sd, what in zip(built, templates, (backbone_sd, final_sd, head_sd),
-                                          ("backbone", "final layer", "head (reward_output.*)")):
-        load_checked(module, template, sd, what, dtype)
+    for module, template, sd, what, part_dtype in zip(built, templates, (backbone_sd, final_sd, head_sd),
+                                                      ("backbone", "final layer", "head (reward_output.*)"),
+                                                      (dtype, dtype, torch.float32)):
+        load_checked(module, template, sd, what, part_dtype)
     backbone, final_layer, head = built
     return DRM(backbone, blocks, final_layer, head)
 
@@ -193,11 +200,11 @@ def build_adapter_drm(state_dict: dict[str, torch.Tensor], blocks: int, backbone
                 raise ValueError(f"the adapter's LoRA for {path} is {up.shape[0]}x{down.shape[1]} but the MODEL's "
                                  f"layer is {tuple(weight.shape)}: the DRM was trained on another base model")
     final_layer = new_final_layer(backbone, dtype=dtype, device=device, operations=operations)
-    head = ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=dtype, device=device)
+    head = ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=torch.float32, device=device)
     load_checked(final_layer, new_final_layer(backbone, device="meta", operations=nn),
                  {k[len("final_layer."):]: v for k, v in state_dict.items() if k.startswith("final_layer.")},
                  "final layer", dtype)
     load_checked(head, ConvGNHead(in_channels=backbone.out_channels, device="meta"),
                  {k[len(HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)},
-                 "head (reward_output.*)", dtype)
+                 "head (reward_output.*)", torch.float32)
     return DRM(backbone, blocks, final_layer, head, lora=lora, shared_backbone=True)

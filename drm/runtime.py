@@ -23,6 +23,7 @@ from .checkpoint import DRMCheckpoint, DRMCheckpointError, full_state_dict, load
 from .model import DRM, build_adapter_drm, build_drm
 
 SD3_SHIFT = 3.0
+CLIP_TOKENS = 77  # SD3's context starts with CLIP-L/G's 77 tokens; T5's follow
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -85,7 +86,21 @@ class LoadedDRM:
         if context.shape[-1] != self.model.context_dim or pooled.shape[-1] != self.model.pooled_dim:
             raise ValueError(f"positive conditioning has width {context.shape[-1]} and pooled width {pooled.shape[-1]}; "
                              f"this DRM expects {self.model.context_dim} and {self.model.pooled_dim} (SD3 text encoders).")
+        self.check_text_length(context)
         return _to_batch(context, batch, "conditioning"), _to_batch(pooled, batch, "pooled conditioning")
+
+    def check_text_length(self, context: torch.Tensor, what: str = "positive conditioning") -> None:
+        """Refuse a prompt encoded with fewer T5 tokens than the DRM was trained with (its file's drm.t5_length).
+
+        SD3's context is CLIP's 77 tokens followed by T5's, padded to a minimum length; a DRM trained
+        on another minimum sees other padding tokens and scores otherwise. Longer prompts only add tokens.
+        """
+        trained = self.metadata.get("drm.t5_length")
+        if trained and context.shape[-2] < CLIP_TOKENS + int(trained):
+            raise ValueError(f"{what} has {context.shape[-2]} tokens, but DRM {self.name} was trained on prompts whose "
+                             f"T5 part was padded to {trained} tokens ({CLIP_TOKENS + int(trained)} with CLIP's "
+                             f"{CLIP_TOKENS}). Pass the CLIP through ComfyUI's T5TokenizerOptions node with min_length "
+                             f"{trained} before encoding the prompt.")
 
     # ---- scoring ----
 
@@ -111,8 +126,8 @@ class LoadedDRM:
         self.scored_rows += x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32).flatten().expand(x.shape[0])
         timesteps = self.model_sampling.timestep(sigma)
-        with torch.no_grad():
-            scores = self.model(x.to(device, self.dtype), timesteps.to(device, self.dtype),
+        with torch.no_grad():  # timesteps stay float32, as ComfyUI gives the generator: bf16 would round 923.08 to 924
+            scores = self.model(x.to(device, self.dtype), timesteps.to(device, torch.float32),
                                 context.to(device, self.dtype), pooled.to(device, self.dtype))
         bad = (~torch.isfinite(scores)).sum().item()
         if bad:

@@ -5,7 +5,7 @@ The model returns the denoised x0, so the velocity is v = (x - x0) / s.
 
 One step from s to s_next < s (dt = s_next - s < 0) with noise level a ("eta"):
 
-    std   = a * sqrt(s / (1 - s))             (at s == 1, s_next stands in for s, else it is infinite)
+    std   = a * sqrt(s / (1 - s))             (at s == 1, s_next stands in for s in the denominator only)
     mean  = x + (v + std^2 / (2 s) * (x + (1 - s) v)) * dt
     x'    = mean + std * sqrt(-dt) * z,       z ~ N(0, I)
 
@@ -32,7 +32,7 @@ class SDEStep:
     sample:   the next latent x', in the dtype of the input x.
     mean:     the mean of the Gaussian transition, float32, shaped like x.
     std:      the per-sample std of the transition (std * sqrt(-dt)), float32, shaped [B, 1, ..., 1].
-    log_prob: log density of `sample` under N(mean, std^2), summed over non-batch dims, float32 [B].
+    log_prob: log density of `sample` under N(mean, std^2), averaged over non-batch dims, float32 [B].
     """
 
     sample: Tensor
@@ -60,8 +60,9 @@ def sde_mean_std(x: Tensor, denoised: Tensor, sigma: Sigma, sigma_next: Sigma,
     # there keeps the unused branch finite, so no NaN leaks into gradients.
     s_div = torch.where(s > 0, s, 1.0)
     v = (x - x0) / s_div
-    s_std = torch.where(s == 1, s_next, s)
-    std = eta * torch.sqrt(s_std / (1 - s_std))
+    # Flow-GRPO's form (sd3_sde_with_logprob): 1 - s is 0 at s == 1, so there s_next stands in for s in
+    # the denominator only; the step's noise std std * sqrt(-dt) is then exactly eta.
+    std = eta * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))
     # A zero-length step (s == s_next) adds no noise; this also drops the infinite std at s == s_next == 1.
     std = torch.where(dt < 0, std, 0.0)
 
@@ -75,12 +76,13 @@ def sde_mean_std(x: Tensor, denoised: Tensor, sigma: Sigma, sigma_next: Sigma,
 
 
 def sde_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """Log density of `sample` under N(mean, std^2), summed over all non-batch dims -> float32 [B].
+    """Gaussian log density of `sample` under N(mean, std^2), averaged over all non-batch dims -> float32 [B].
 
-    `std` broadcasts against `sample` (e.g. [B, 1, ..., 1] from `sde_mean_std`). Gradients flow through
-    `mean` (and `std`), so a trainer can recompute log-probs of stored samples under new parameters.
-    Rows whose std is 0 (eta 0, or the last step to sigma 0) are deterministic; their log-prob is
-    defined as 0.
+    The mean per element, not the sum, as Flow-GRPO (sd3_sde_with_logprob) reduces it: a policy ratio
+    exp(log p - log p_old) is then the geometric mean of the per-element ratios, which its clip range
+    (1e-4) is tuned for. `std` broadcasts against `sample` (e.g. [B, 1, ..., 1] from `sde_mean_std`).
+    Gradients flow through `mean` (and `std`). Rows whose std is 0 (eta 0, or the last step to sigma 0)
+    are deterministic; their log-prob is defined as 0.
     """
     sample, mean, std = sample.float(), mean.float(), std.float()
     noisy = std > 0
@@ -88,7 +90,22 @@ def sde_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     log_prob = (-((sample - mean) ** 2) / (2 * safe_std**2)
                 - torch.log(safe_std) - 0.5 * math.log(2 * math.pi))
     log_prob = torch.where(noisy, log_prob, 0.0)
-    return log_prob.reshape(sample.shape[0], -1).sum(dim=1)
+    return log_prob.reshape(sample.shape[0], -1).mean(dim=1)
+
+
+def sde_log_ratio(sample: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor) -> Tensor:
+    """log p(sample | mean) - log p(sample | old_mean) under the same N(., std^2), per element, then averaged
+    over the non-batch dims -> float32 [B] (Flow-GRPO's mean form).
+
+    Taking the difference element by element, ((x - old_mean)^2 - (x - mean)^2) / (2 std^2), before
+    averaging keeps a recompute that differs from the rollout only by float rounding at a ratio of 1
+    to within that rounding; the difference of two averaged log-probs would not. Rows with std 0 give 0.
+    """
+    sample, mean, old_mean, std = sample.float(), mean.float(), old_mean.float(), std.float()
+    noisy = std > 0
+    safe_std = torch.where(noisy, std, 1.0)
+    log_ratio = ((sample - old_mean) ** 2 - (sample - mean) ** 2) / (2 * safe_std**2)
+    return torch.where(noisy, log_ratio, 0.0).reshape(sample.shape[0], -1).mean(dim=1)
 
 
 def sde_step(x: Tensor, denoised: Tensor, sigma: Sigma, sigma_next: Sigma, eta: float = 0.7,

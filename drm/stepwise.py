@@ -93,6 +93,7 @@ def stepwise_ksampler(drm: LoadedDRM, trace: RewardTrace | None = None, **search
         check_fits(drm, guider.model_patcher)
         drm.check_latent(x, "latent being sampled")
         context, pooled = positive_conditioning(guider)
+        drm.check_text_length(context)
 
         def reward_fn(candidates, sigma_next, parent_index):
             # ComfyUI tiles a shorter conditioning batch over the latents: row r uses prompt r % n.

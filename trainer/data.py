@@ -13,15 +13,17 @@ Output (`encode_pairs`, `EncodedPairs.save` / `EncodedPairs.load`): one safetens
                                         distinct prompt, right-padded with zeros to the longest T
     pooled        float [P, 2048]       pooled CLIP-L+G text embedding, one row per distinct prompt
     prompt_index  int   [N]             row of context/pooled for each pair
+    context_length int  [P]             optional: the tokens each prompt really has (default: all T)
     metadata "prompts"  JSON list of the P prompt strings (optional; used in logs and reports)
 
 Users who encode elsewhere can write this layout themselves (safetensors.torch.save_file) and pass
 the file to `EncodedPairs.load`; any float dtype and any integer dtype for prompt_index is accepted,
 and everything is converted to float32 / int64 on load.
 
-Contexts of different lengths are right-padded with zero tokens into one [P, T, C] tensor. SD3's
-conditioning has the same T for every prompt in the usual case (77 CLIP tokens + the T5 tokens), so
-padding is rare; when it happens it is logged once.
+Contexts of different lengths (77 CLIP tokens plus T5's, which grow past its minimum length for long
+prompts) are right-padded with zero tokens into one [P, T, C] tensor, and context_length records
+each one's length: the trainer runs every prompt at its own length, as ComfyUI does, because zero
+tokens change what the MMDiT computes.
 
 Cache (`cache_dir`): one safetensors file per image latent and per prompt, written atomically, so a
 second run, or a run after an interruption, encodes only what is new:
@@ -285,6 +287,7 @@ class EncodedPairs:
     prompt_index: torch.Tensor
     prompts: list[str]
     skipped: int = 0
+    context_length: torch.Tensor | None = None  # [P] tokens each prompt really has (None: all T)
 
     def __post_init__(self) -> None:
         p, r, c, pooled, idx = self.preferred, self.rejected, self.context, self.pooled, self.prompt_index
@@ -301,6 +304,10 @@ class EncodedPairs:
                                f"{idx.dtype} {list(idx.shape)}.")
         if len(idx) and (idx.min() < 0 or idx.max() >= c.shape[0]):
             raise DatasetError(f"prompt_index holds values outside 0..{c.shape[0] - 1} (the context rows).")
+        lengths = self.context_length
+        if lengths is not None and (lengths.shape != (c.shape[0],) or lengths.min() < 1 or lengths.max() > c.shape[1]):
+            raise DatasetError(f"context_length must be [P] = [{c.shape[0]}] token counts in 1..{c.shape[1]}; got "
+                               f"{lengths.tolist()[:8]}.")
 
     def __len__(self) -> int:
         return len(self.preferred)
@@ -308,6 +315,8 @@ class EncodedPairs:
     def save(self, path: str | os.PathLike) -> None:
         """Write one safetensors file atomically (temporary file, then rename)."""
         tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in TENSOR_KEYS}
+        if self.context_length is not None:
+            tensors["context_length"] = self.context_length.contiguous().cpu()
         atomic_save(tensors, path, {"drm.data": "encoded-pairs", "prompts": json.dumps(self.prompts),
                                     "skipped": str(self.skipped)})
 
@@ -345,8 +354,10 @@ class EncodedPairs:
         if not isinstance(prompts, list) or not all(isinstance(s, str) for s in prompts):
             raise DatasetError(f"encoded pairs file {path}: metadata 'prompts' must be a JSON list of strings. {how}")
         try:
+            lengths = tensors.get("context_length")
             pairs = cls(**{name: tensors[name].float() for name in TENSOR_KEYS[:4]},
-                        prompt_index=tensors["prompt_index"].long(), prompts=prompts, skipped=skipped)
+                        prompt_index=tensors["prompt_index"].long(), prompts=prompts, skipped=skipped,
+                        context_length=None if lengths is None else lengths.long())
         except DatasetError as e:
             raise DatasetError(f"encoded pairs file {path}: {e} {how}") from None
         if not len(pairs):
@@ -361,29 +372,46 @@ class EncodedPairs:
         """The pairs at `indices`, sharing this object's prompt conditioning."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         return EncodedPairs(self.preferred[indices], self.rejected[indices], self.context, self.pooled,
-                            self.prompt_index[indices], self.prompts, self.skipped)
+                            self.prompt_index[indices], self.prompts, self.skipped, self.context_length)
 
     def split(self, holdout_fraction: float, seed: int = 0) -> tuple[EncodedPairs, EncodedPairs]:
-        """(train, held-out): a seeded random split of the pairs; each pair lands in exactly one part."""
+        """(train, held-out), split by prompt: no prompt, and so no pair's images, is on both sides.
+
+        Prompts are taken in a seeded random order until they hold at least `holdout_fraction` of the
+        pairs (at least one prompt, and never every prompt); all their pairs are held out. A split by
+        pair would score the DRM on prompts and images it trained on, and read optimistic. Raises
+        ValueError for a fraction outside [0, 1) or data with fewer than two prompts.
+        """
         if not 0.0 <= holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}.")
-        held = round(len(self) * holdout_fraction)
-        if held == len(self):
-            raise ValueError(f"holdout_fraction={holdout_fraction} of {len(self)} pairs leaves none for training.")
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        # sorted: both parts keep the file's order, which makes them easy to inspect
-        return self.subset(order[held:].sort().values), self.subset(order[:held].sort().values)
+        if holdout_fraction == 0:
+            return self, self.subset([])
+        prompts = self.prompt_index.unique()
+        if len(prompts) < 2:
+            raise ValueError(f"the held-out pairs are split off by prompt, and all {len(self)} pairs share one prompt; "
+                             "use data with at least two prompts.")
+        prompts = prompts[torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))]
+        pairs_per_prompt = torch.stack([(self.prompt_index == p).sum() for p in prompts])
+        enough = int((pairs_per_prompt.cumsum(0) < holdout_fraction * len(self)).sum()) + 1
+        held = torch.isin(self.prompt_index, prompts[:min(enough, len(prompts) - 1)])
+        # both parts keep the file's order, which makes them easy to inspect
+        return self.subset((~held).nonzero().flatten()), self.subset(held.nonzero().flatten())
 
 
 # ---------------------------------------------------------------------------------------------
 # Encoding through ComfyUI
 
 
-def clip_prompt_encoder(clip) -> PromptEncoder:
-    """A prompt encoder from a ComfyUI CLIP object: prompt -> (context [1, T, C], pooled [1, D])."""
+def clip_prompt_encoder(clip, t5_length: int = 77) -> PromptEncoder:
+    """A prompt encoder from a ComfyUI CLIP object: prompt -> (context [1, T, C], pooled [1, D]).
+
+    T5's tokens are padded to at least `t5_length` (ComfyUI's tokenizer option t5xxl_min_length; its
+    default is 77, the DRM authors use 512, Flow-GRPO 128, DiNa-LRM 128 or 256). A DRM scores prompts
+    encoded the way it was trained on best: in ComfyUI, the T5TokenizerOptions node sets the same.
+    """
 
     def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = clip.tokenize(prompt)
+        tokens = clip.tokenize(prompt, tokenizer_options={"t5xxl_min_length": t5_length})
         context, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
         return context, pooled
 
@@ -451,14 +479,14 @@ def encode_pairs(
                            "check the image paths (relative paths start at the pairs file's folder).")
 
     prompts = list(dict.fromkeys(r.prompt for r in kept))
-    context, pooled = encode_prompts(prompts, encode_prompt, cache, text_encoder_id, progress)
+    context, pooled, lengths = encode_prompts(prompts, encode_prompt, cache, text_encoder_id, progress)
     row = {prompt: i for i, prompt in enumerate(prompts)}
     return EncodedPairs(
         preferred=torch.stack([latents[r.preferred] for r in kept]),
         rejected=torch.stack([latents[r.rejected] for r in kept]),
         context=context, pooled=pooled,
         prompt_index=torch.tensor([row[r.prompt] for r in kept], dtype=torch.long),
-        prompts=prompts, skipped=len(records) - len(kept))
+        prompts=prompts, skipped=len(records) - len(kept), context_length=lengths)
 
 
 def _encode_images(records: Sequence[PairRecord], vae, resolution: int, cache: Path | None, vae_id: str,
@@ -512,8 +540,12 @@ def _encode_images(records: Sequence[PairRecord], vae, resolution: int, cache: P
 
 
 def encode_prompts(prompts: list[str], encode_prompt: PromptEncoder, cache: Path | None, text_encoder_id: str,
-                    progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context [P, T, C] zero-padded to the longest T, pooled [P, D]) for the distinct prompts."""
+                   progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(context [P, T, C] zero-padded to the longest T, pooled [P, D], context_length [P]) for the prompts.
+
+    The padding only stacks the prompts: consumers run each prompt at its own length
+    (drm.conditioning.by_context_length), so it never changes a score.
+    """
     contexts, pooleds = [], []
     for prompt in tqdm(prompts, desc="encoding prompts", unit="prompt", disable=not progress):
         file = _cache_file(cache, "prompts", prompt, text_encoder_id)
@@ -532,11 +564,8 @@ def encode_prompts(prompts: list[str], encode_prompt: PromptEncoder, cache: Path
         pooleds.append(cached["pooled"].float())
     if len({c.shape[1] for c in contexts}) > 1 or len({p.shape[0] for p in pooleds}) > 1:
         raise RuntimeError("the prompt encoder returned different embedding widths for different prompts.")
-    longest = max(c.shape[0] for c in contexts)
-    if any(c.shape[0] != longest for c in contexts):
-        log.info("prompt contexts have %s tokens; right-padding with zeros to %d",
-                 sorted({c.shape[0] for c in contexts}), longest)
-    context = torch.zeros(len(contexts), longest, contexts[0].shape[1])
+    lengths = torch.tensor([c.shape[0] for c in contexts])
+    context = torch.zeros(len(contexts), int(lengths.max()), contexts[0].shape[1])
     for i, c in enumerate(contexts):
         context[i, :c.shape[0]] = c
-    return context, torch.stack(pooleds)
+    return context, torch.stack(pooleds), lengths

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from .config import ConfigError, field
+from .config import ConfigError, field, to_dict
 from .runs import (
     RunInterrupted,
     append_csv,
@@ -43,6 +43,8 @@ class DRMTrainConfig:
     vae: str = field("", "VAE .safetensors, when the base file has none (image data only)")
     clip: list[str] = field([], "text encoder files (CLIP-L, CLIP-G, T5-XXL), when the base file has none")
     resolution: int = field(512, "training resolution in pixels (multiple of 16)")
+    t5_length: int = field(77, "image data: T5 tokens are padded to at least this many (ComfyUI's default 77; the "
+                               "DRM authors use 512); recorded in the DRM file, for ComfyUI's T5TokenizerOptions")
     min_confidence: float = field(0.0, "drop pairs whose confidence is below this")
     on_bad_image: str = field("stop", "a missing or unreadable image: stop, or skip the pair")
     cache_dir: str = field("", "where encoded latents and prompts are cached (default: <out>/cache)")
@@ -51,9 +53,12 @@ class DRMTrainConfig:
     lora_rank: int = field(32, "adapter mode: LoRA rank")
     lora_alpha: float = field(32.0, "adapter mode: LoRA alpha (scale = alpha / rank)")
     lora_mlp: bool = field(False, "adapter mode: adapt the MLPs too, not only attention")
-    timestep_sampling: str = field("logit-normal", "noise level per pair: logit-normal or uniform")
+    timestep_sampling: str = field("logit-normal", "noise level per pair: logit-normal or uniform, drawn on the "
+                                                   "base scheduler's 1000-step grid")
     logit_mean: float = field(0.0, "logit-normal mean")
     logit_std: float = field(1.0, "logit-normal std")
+    timestep_shift: float = field(0.0, "shift of the noise levels, as the scheduler's: 0 means the base model's own "
+                                       "(3 for SD3.5, median sigma 0.75); 1 is no shift")
     lr: float = field(1e-4, "AdamW learning rate")
     weight_decay: float = field(0.01, "AdamW weight decay")
     warmup_steps: int = field(0, "linear learning-rate warm-up steps")
@@ -91,10 +96,12 @@ class DRMTrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        positive = ("batch_size", "max_steps", "eval_every", "save_every", "log_every", "lora_rank")
+        positive = ("batch_size", "max_steps", "eval_every", "save_every", "log_every", "lora_rank", "t5_length")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.timestep_shift < 0:
+            raise ConfigError(f"timestep_shift: expected > 0, or 0 for the base model's own, got {self.timestep_shift}")
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"holdout: expected a fraction in (0, 1), got {self.holdout}")
         for name in ("blocks", "warmup_steps"):
@@ -105,10 +112,17 @@ class DRMTrainConfig:
 
 # ---- noise levels and evaluation ----
 
-def sample_sigmas(cfg: DRMTrainConfig, generator: torch.Generator, n: int) -> torch.Tensor:
+def sample_sigmas(cfg: DRMTrainConfig, generator: torch.Generator, n: int, shift: float) -> torch.Tensor:
+    """One noise level per pair, [n], in (0, 1]: u (logit-normal or uniform) picks a step of the base
+    scheduler's 1000-step grid, whose shifted sigma is returned, as diffusers' SD3 training does
+    (compute_density_for_timestep_sampling, then scheduler.timesteps[int(u * 1000)]). At SD3's shift 3
+    the median is 0.75 and P(sigma > 0.9) is 13.6%; unshifted (sigma = u) they would be 0.50 and 1.4%."""
     if cfg.timestep_sampling == "uniform":
-        return torch.rand(n, generator=generator)
-    return torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
+        u = torch.rand(n, generator=generator)
+    else:
+        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
+    t = 1 - (u * 1000).long().clamp(max=999) / 1000  # the grid's timestep / 1000, from 1 down to 0.001
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def pair_scores(drm, pairs, index: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor, latent_format,
@@ -117,13 +131,17 @@ def pair_scores(drm, pairs, index: torch.Tensor, sigmas: torch.Tensor, noise: to
 
     noise: [2, n, C, H, W], independent for each image (preferred first).
     """
+    from drm.conditioning import by_context_length
+
     x0 = latent_format.process_in(torch.cat([pairs.preferred[index], pairs.rejected[index]]).float())
     s = sigmas.repeat(2).view(-1, 1, 1, 1)
     x_t = ((1 - s) * x0 + s * noise.flatten(0, 1)).to(device)
     prompt = pairs.prompt_index[index].repeat(2)
+    lengths = None if pairs.context_length is None else pairs.context_length[prompt]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        scores = drm(x_t, (s.flatten() * 1000).to(device), pairs.context[prompt].to(device),
-                     pairs.pooled[prompt].to(device))
+        # each prompt at its own length: zero padding would change the scores
+        scores = by_context_length(lambda context, x, t, y: drm(x, t, context, y), pairs.context[prompt].to(device),
+                                   lengths, x_t, (s.flatten() * 1000).to(device), pairs.pooled[prompt].to(device))
     return scores.float().chunk(2)
 
 
@@ -226,7 +244,9 @@ def write_drm(cfg: DRMTrainConfig, drm, base_name: str, step: int, metrics: dict
 
     path = Path(cfg.out) / f"drm-{base_name}-{cfg.mode}.safetensors"
     meta = {"drm.base_model": base_name, "drm.train_mode": cfg.mode, "drm.train_steps": str(step),
-            "drm.eval": json.dumps(metrics)}
+            "drm.eval": json.dumps(metrics), "drm.config": json.dumps(to_dict(cfg))}
+    if not cfg.data.endswith(".safetensors"):  # the trainer encoded the prompts itself, so it knows how
+        meta["drm.t5_length"] = str(cfg.t5_length)
     # adapter and head DRMs run on the base model's own weights, so only their own parts are written
     (save_full if cfg.mode == "full" else save_adapter)(drm, path, meta)
     return path
@@ -268,6 +288,7 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
         pairs = EncodedPairs.load(encoded)
     train, heldout = pairs.split(cfg.holdout, cfg.seed)
     latent_format = base.model.get_model_object("latent_format")
+    shift = cfg.timestep_shift or base.model.get_model_object("model_sampling").shift
 
     drm, blocks = build_trainable_drm(cfg, base, device)
     params = [p for p in drm.parameters() if p.requires_grad]
@@ -297,7 +318,7 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
                 cfg.seed + (step * cfg.batch_size) // len(train)))
             start = (step * cfg.batch_size) % len(train)
             index = epoch_order[torch.arange(start, start + cfg.batch_size) % len(train)]
-            sigmas = sample_sigmas(cfg, generator, cfg.batch_size)
+            sigmas = sample_sigmas(cfg, generator, cfg.batch_size, shift)
             noise = torch.randn((2, cfg.batch_size, *train.preferred.shape[1:]), generator=generator)
             rank = slice(accelerator.process_index * per_rank, (accelerator.process_index + 1) * per_rank)
             good, bad = pair_scores(model, train, index[rank], sigmas[rank], noise[:, rank], latent_format, device,
@@ -356,6 +377,6 @@ def encode_records(cfg: DRMTrainConfig, base, records):
     """Images and prompts encoded (and cached) with the base's VAE and text encoders."""
     from .data import clip_prompt_encoder, encode_pairs
 
-    return encode_pairs(records, base.vae, clip_prompt_encoder(base.clip), cfg.resolution,
+    return encode_pairs(records, base.vae, clip_prompt_encoder(base.clip, cfg.t5_length), cfg.resolution,
                         cfg.cache_dir or Path(cfg.out) / "cache", on_bad_image=cfg.on_bad_image,
-                        vae_id=base.vae_id, text_encoder_id=base.text_encoder_id)
+                        vae_id=base.vae_id, text_encoder_id=f"{base.text_encoder_id}:t5xxl_min_length={cfg.t5_length}")

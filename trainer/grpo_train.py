@@ -51,16 +51,25 @@ class GRPOConfig:
     algorithm: str = field("step-grpo", "step-grpo (dense per-step DRM rewards) or grpo (Flow-GRPO baseline)")
     resolution: int = field(512, "image size in pixels (multiple of 16)")
     steps: int = field(10, "rollout steps T")
+    scheduler: str = field("normal", "ComfyUI scheduler of the rollout sigmas; normal reproduces Flow-GRPO's "
+                                     "(diffusers FlowMatchEuler, shift 3), whose small last step trains too")
     eta: float = field(0.7, "SDE noise level a of the rollouts")
     cfg: float = field(4.5, "classifier-free guidance of rollouts and log-probs (1: no CFG, half the cost)")
+    t5_length: int = field(77, "text prompts: T5 tokens are padded to at least this many (ComfyUI's default 77; "
+                               "Flow-GRPO uses 128); set the same in ComfyUI's T5TokenizerOptions when sampling")
     branches: int = field(4, "step-grpo: K siblings drawn from each parent")
     group: int = field(4, "grpo: G trajectories per prompt")
     train_steps: str = field("all", "which steps train: all, window (window_start..window_end) or random")
     window_start: int = field(0, "train_steps = window: first trained step")
     window_end: int = field(0, "train_steps = window: end (exclusive); 0 means steps")
     random_steps: int = field(3, "train_steps = random: trained steps drawn per iteration")
-    clip_range: float = field(1e-4, "PPO clip range of the probability ratio")
-    kl_beta: float = field(0.0, "KL weight to the reference model (the LoRA switched off); 0 is off")
+    clip_range: float = field(1e-4, "PPO clip range of the probability ratio (of per-element mean log-probs, "
+                                    "as Flow-GRPO)")
+    advantage_std: str = field("auto", "what advantages are divided by: group (the std within each group of "
+                                       "siblings or trajectories), global (the std of all the batch's rewards, "
+                                       "Flow-GRPO's global_std), or auto: global for grpo, group for step-grpo")
+    advantage_clip: float = field(5.0, "advantages are clamped to +-this, as Flow-GRPO's adv_clip_max (0: off)")
+    kl_beta: float = field(0.0, "weight of Flow-GRPO's KL to the reference model (the LoRA off); 0 is off")
     lora_rank: int = field(32, "LoRA rank")
     lora_alpha: float = field(64.0, "LoRA alpha (ComfyUI applies alpha / rank)")
     lora_mlp: bool = field(False, "also adapt the MLPs, not only joint attention")
@@ -100,10 +109,14 @@ class GRPOConfig:
             raise ConfigError(f"branches: step-grpo normalises rewards within K siblings, so K >= 2; got {self.branches}")
         if self.algorithm == "grpo" and self.group < 2:
             raise ConfigError(f"group: grpo normalises rewards within G trajectories, so G >= 2; got {self.group}")
+        if self.advantage_std not in ("auto", "group", "global"):
+            raise ConfigError(f"advantage_std: expected auto, group or global, got {self.advantage_std!r}")
+        if self.advantage_clip < 0:
+            raise ConfigError(f"advantage_clip: expected >= 0 (0: off), got {self.advantage_clip}")
         if self.train_steps not in ("all", "window", "random"):
             raise ConfigError(f"train_steps: expected all, window or random, got {self.train_steps!r}")
         for name in ("steps", "batch_size", "grad_accum", "iterations", "eval_every", "save_every", "eval_seeds",
-                     "lora_rank", "random_steps"):
+                     "lora_rank", "random_steps", "t5_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.steps < 2:
@@ -164,6 +177,13 @@ def check_drm_fits_base(drm_path: str, base_path: str) -> None:
                               f"{drm[key]} in the DRM, {base[prefix + key]} in the base); use a DRM trained for it")
 
 
+def resolved_advantage_std(cfg: GRPOConfig) -> str:
+    """group or global: auto is Flow-GRPO's global std for grpo, the paper's within-siblings std for step-grpo."""
+    if cfg.advantage_std != "auto":
+        return cfg.advantage_std
+    return "global" if cfg.algorithm == "grpo" else "group"
+
+
 def trained_steps(cfg: GRPOConfig, iteration: int) -> set[int]:
     """The steps whose actions train this iteration (never the last, deterministic one)."""
     trainable = range(cfg.steps - 1)
@@ -186,19 +206,34 @@ def prompt_generators(cfg: GRPOConfig, iteration: int, micro: int, positions: ra
 @torch.no_grad()
 def evaluate(policy, drm, bank, cfg: GRPOConfig, sigmas, shape, device) -> tuple[float, torch.Tensor]:
     """Mean DRM reward of ODE samples (eta = 0) for every eval prompt and seed, and the samples."""
-    from .rollout import Conditioning, cfg_predict
+    from .rollout import cfg_predict
 
-    n = len(bank)
-    rows = torch.arange(n).repeat(cfg.eval_seeds)
-    cond = Conditioning(bank.context[rows].to(device), bank.pooled[rows].to(device),
-                        bank.negative_context.to(device), bank.negative_pooled.to(device))
+    rows = torch.arange(len(bank)).repeat(cfg.eval_seeds)
+    cond = bank_conditioning(bank.rows(rows), device)
     gen = torch.Generator().manual_seed(12345)  # the same noise at every evaluation
     x = torch.randn((len(rows), *shape), generator=gen).to(device)
     for i in range(len(sigmas) - 1):
         denoised, _ = cfg_predict(policy, x, float(sigmas[i]), cond, cfg.cfg)
         x = x + (x - denoised) / float(sigmas[i]) * (float(sigmas[i + 1]) - float(sigmas[i]))
-    scores = drm.score(x, 0.0, cond.context, cond.pooled)
-    return scores.mean().item(), x
+    return drm_reward(drm, cond, x, 0.0).mean().item(), x
+
+
+def bank_conditioning(bank, device):
+    """A prompt bank's rows as the rollout's Conditioning, on `device`."""
+    from .rollout import Conditioning
+
+    lengths = None if bank.context_length is None else bank.context_length.to(device)
+    return Conditioning(bank.context.to(device), bank.pooled.to(device), bank.negative_context.to(device),
+                        bank.negative_pooled.to(device), lengths)
+
+
+def drm_reward(drm, cond, x: torch.Tensor, sigma) -> torch.Tensor:
+    """DRM scores [B] of latents x [B, ...] at noise level sigma, row b scored against cond's prompt b at its
+    own length (zero padding would change the score)."""
+    from drm.conditioning import by_context_length
+
+    return by_context_length(lambda context, x, pooled: drm.score(x, sigma, context, pooled),
+                             cond.context, cond.context_length, x, cond.pooled)
 
 
 def save_grid(latents: torch.Tensor, base, path: Path, columns: int) -> None:
@@ -293,34 +328,36 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     Ctrl-C or SIGTERM saves a resumable checkpoint after the current iteration and raises RunInterrupted.
     """
     import comfy.model_management
+    import comfy.samplers
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from drm.runtime import load_drm
     from drm.stepwise import schedule_sigmas
 
+    from .grpo_loss import group_advantages
     from .models import load_base
     from .policy import Policy
     from .prompts import load_prompt_bank
-    from .rollout import Conditioning, group_rows, policy_loss, rollout_grpo, rollout_step_grpo
+    from .rollout import group_rows, policy_loss, rollout_grpo, rollout_step_grpo
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size: {cfg.batch_size} prompts do not split over {world} processes")
+    if cfg.scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise ConfigError(f"scheduler: expected one of ComfyUI's {list(comfy.samplers.SCHEDULER_NAMES)}, "
+                          f"got {cfg.scheduler!r}")
     out = Path(cfg.out)
     base = load_base(cfg.base, cfg.vae, cfg.clip)
     cache = out / "cache"
-    bank = load_prompt_bank(cfg.prompts, base.clip, cache, base.text_encoder_id)
-    eval_bank = load_prompt_bank(cfg.eval_prompts, base.clip, cache, base.text_encoder_id) if cfg.eval_prompts else None
-    if eval_bank is None:
-        keep = list(range(min(4, len(bank))))
-        eval_bank = type(bank)([bank.texts[i] for i in keep], bank.context[keep], bank.pooled[keep],
-                               bank.negative_context, bank.negative_pooled)
+    bank = load_prompt_bank(cfg.prompts, base.clip, cache, base.text_encoder_id, cfg.t5_length)
+    eval_bank = (load_prompt_bank(cfg.eval_prompts, base.clip, cache, base.text_encoder_id, cfg.t5_length)
+                 if cfg.eval_prompts else bank.rows(list(range(min(4, len(bank))))))
     drm = load_drm(cfg.drm, weight_dtype=torch.float32 if device.type == "cpu" else None, base_model=base.model)
     policy = Policy(base.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp, device, cfg.seed)
     comfy.model_management.load_models_gpu([base.model, drm.patcher])
-    sigmas = schedule_sigmas(base.model.get_model_object("model_sampling"), "simple", cfg.steps)
+    sigmas = schedule_sigmas(base.model.get_model_object("model_sampling"), cfg.scheduler, cfg.steps)
     shape = (16, cfg.resolution // 8, cfg.resolution // 8)
 
     params = list(policy.lora.parameters())
@@ -340,7 +377,13 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         remove_files_after(out / "loras", re.escape(base.name) + r"-(\d+)\.safetensors", done)
 
     def reward(x, sigma, rows):
-        return drm.score(x, sigma, cond.context[rows], cond.pooled[rows])
+        return drm_reward(drm, cond.rows(rows), x, sigma)
+
+    def advantages_of(rewards):
+        if resolved_advantage_std(cfg) == "group":
+            return group_advantages(rewards)
+        # Flow-GRPO's global_std: the std of every process's rewards (all ranks reach this point together)
+        return group_advantages(rewards, std_of=accelerator.gather(rewards.contiguous()))
 
     def run_eval(tag: str) -> float:
         with swapped_in(params, ema):
@@ -367,20 +410,19 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 order = torch.randperm(len(bank), generator=torch.Generator().manual_seed(cfg.seed + iteration))
                 global_index = order[(torch.arange(cfg.batch_size) + micro * cfg.batch_size) % len(bank)]
                 index = global_index[list(positions)]
-                cond = Conditioning(bank.context[index].to(device), bank.pooled[index].to(device),
-                                    bank.negative_context.to(device), bank.negative_pooled.to(device))
+                cond = bank_conditioning(bank.rows(index), device)
                 generators = prompt_generators(cfg, iteration, micro, positions)
                 trained = trained_steps(cfg, iteration)
                 if cfg.algorithm == "step-grpo":
                     records, _, stats = rollout_step_grpo(policy, reward, cond, generators, sigmas, shape, cfg.cfg,
-                                                          cfg.eta, cfg.branches, trained, device)
+                                                          cfg.eta, cfg.branches, trained, device, advantages_of)
                     record_cond = cond
                 else:
                     records, _, stats = rollout_grpo(policy, reward, cond, generators, sigmas, shape, cfg.cfg,
-                                                     cfg.eta, cfg.group, trained, device)
+                                                     cfg.eta, cfg.group, trained, device, advantages_of)
                     record_cond = cond.rows(group_rows(len(generators), cfg.group).to(device))
                 losses = policy_loss(policy, records, record_cond, cfg.cfg, cfg.eta, cfg.clip_range, cfg.kl_beta,
-                                     scale=1.0 / cfg.grad_accum)
+                                     scale=1.0 / cfg.grad_accum, advantage_clip=cfg.advantage_clip)
                 for key, value in {**stats, **losses}.items():
                     totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
             if not math.isfinite(totals["loss"]):

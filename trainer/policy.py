@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from drm.conditioning import by_context_length
 from drm.lora import LoRA, target_paths
 
 
@@ -22,9 +23,14 @@ class Policy:
         self.forward_rows = 0  # latents pushed through the model so far, for cost accounting
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                lora: bool = True) -> torch.Tensor:
-        """Denoised x0 (float32) for latents x at noise levels sigma [B]."""
+                context_length: torch.Tensor | None = None, lora: bool = True) -> torch.Tensor:
+        """Denoised x0 (float32) for latents x at noise levels sigma [B]; each row's prompt runs at its own
+        length (context_length [B]; None: all of context's tokens), as ComfyUI runs a prompt."""
         self.forward_rows += x.shape[0]
         hooks = self.lora.applied(self.mmdit) if lora else contextlib.nullcontext()
-        with hooks:
+
+        def run(context, x, sigma, pooled):
             return self.model.apply_model(x, sigma, c_crossattn=context, y=pooled).float()
+
+        with hooks:
+            return by_context_length(run, context, context_length, x, sigma, pooled)

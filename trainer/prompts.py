@@ -27,17 +27,28 @@ from .data import DatasetError, encode_prompts
 @dataclass
 class PromptBank:
     texts: list[str]
-    context: torch.Tensor  # [P, T, C]
+    context: torch.Tensor  # [P, T, C], right-padded with zeros to the longest prompt
     pooled: torch.Tensor  # [P, D]
     negative_context: torch.Tensor  # [1, T', C]: CFG's unconditional prompt
     negative_pooled: torch.Tensor  # [1, D]
+    context_length: torch.Tensor | None = None  # [P] tokens each prompt really has (None: all T)
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    def rows(self, index) -> PromptBank:
+        """The prompts at `index` (a list or LongTensor), with the same negative prompt."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return PromptBank([self.texts[i] for i in index.tolist()], self.context[index], self.pooled[index],
+                          self.negative_context, self.negative_pooled,
+                          None if self.context_length is None else self.context_length[index])
+
     def save(self, path) -> None:
-        atomic_save({"context": self.context, "pooled": self.pooled, "negative_context": self.negative_context,
-                     "negative_pooled": self.negative_pooled}, path, {"prompts": json.dumps(self.texts)})
+        tensors = {"context": self.context, "pooled": self.pooled, "negative_context": self.negative_context,
+                   "negative_pooled": self.negative_pooled}
+        if self.context_length is not None:
+            tensors["context_length"] = self.context_length
+        atomic_save(tensors, path, {"prompts": json.dumps(self.texts)})
 
 
 def read_prompt_texts(path: str | Path) -> list[str]:
@@ -62,8 +73,9 @@ def read_prompt_texts(path: str | Path) -> list[str]:
 
 
 def load_prompt_bank(path: str | Path, clip=None, cache_dir: Path | None = None,
-                     text_encoder_id: str = "") -> PromptBank:
-    """A prompt bank from a text file (encoded with `clip`) or a pre-encoded .safetensors file."""
+                     text_encoder_id: str = "", t5_length: int = 77) -> PromptBank:
+    """A prompt bank from a text file (encoded with `clip`, T5 padded to at least `t5_length` tokens) or a
+    pre-encoded .safetensors file (optionally with `context_length` [P])."""
     path = Path(path)
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path, "prompts file", "Check the --prompts path.")
@@ -71,16 +83,19 @@ def load_prompt_bank(path: str | Path, clip=None, cache_dir: Path | None = None,
             raise DatasetError(f"prompts file {path.name} lacks `context` and `pooled` tensors.")
         context, pooled = tensors["context"].float(), tensors["pooled"].float()
         texts = json.loads(metadata.get("prompts", "[]")) or [f"prompt {i}" for i in range(len(context))]
+        lengths = tensors.get("context_length")
         return PromptBank(texts, context, pooled,
                           tensors.get("negative_context", torch.zeros(1, 1, context.shape[-1])).float(),
-                          tensors.get("negative_pooled", torch.zeros(1, pooled.shape[-1])).float())
+                          tensors.get("negative_pooled", torch.zeros(1, pooled.shape[-1])).float(),
+                          None if lengths is None else lengths.long())
     if clip is None:
         raise DatasetError(f"prompts file {path.name} is text, and the base model has no text encoders: "
                            "pass --clip files, a full checkpoint, or a pre-encoded .safetensors prompt bank.")
     from .data import clip_prompt_encoder
 
     texts = read_prompt_texts(path)
-    encoder = clip_prompt_encoder(clip)
-    context, pooled = encode_prompts(texts, encoder, cache_dir, text_encoder_id, progress=True)
-    negative_context, negative_pooled = encode_prompts([""], encoder, cache_dir, text_encoder_id, progress=False)
-    return PromptBank(texts, context, pooled, negative_context, negative_pooled)
+    encoder = clip_prompt_encoder(clip, t5_length)
+    text_encoder_id = f"{text_encoder_id}:t5xxl_min_length={t5_length}"
+    context, pooled, lengths = encode_prompts(texts, encoder, cache_dir, text_encoder_id, progress=True)
+    negative_context, negative_pooled, _ = encode_prompts([""], encoder, cache_dir, text_encoder_id, progress=False)
+    return PromptBank(texts, context, pooled, negative_context, negative_pooled, lengths)

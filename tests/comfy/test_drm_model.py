@@ -150,3 +150,25 @@ def test_official_conversion_leaves_its_input_alone(parts, to_official):
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert torch.equal(first["final_layer.adaLN_modulation.1.weight"],
                        parts["drm_sd"]["final_layer.adaLN_modulation.1.weight"])
+
+
+def test_a_bf16_drm_embeds_float32_timesteps_and_runs_its_head_in_float32(parts, tmp_path):
+    """bf16 timesteps round 923.08 to 924 before the sinusoidal embedding; bf16 head outputs are 0.03 apart
+    at |r| ~ 4. Both reach their modules in float32, whatever the weights' dtype."""
+    from drm.checkpoint import atomic_save
+    from drm.runtime import load_drm
+
+    atomic_save(parts["drm_sd"], tmp_path / "drm.safetensors", {"drm.format": "full", "drm.blocks": "1"})
+    drm = load_drm(tmp_path / "drm.safetensors", weight_dtype=torch.bfloat16)
+    seen = {}
+    hooks = [drm.model.backbone.t_embedder.register_forward_pre_hook(lambda m, a: seen.update(t=a[0].dtype)),
+             drm.model.reward_output.register_forward_pre_hook(lambda m, a: seen.update(head=a[0].dtype))]
+    try:
+        scores = drm.score(parts["x"], torch.tensor([0.92308, 0.5, 0.1]), parts["ctx"], parts["y"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"t": torch.float32, "head": torch.float32}
+    assert {p.dtype for p in drm.model.reward_output.parameters()} == {torch.float32}
+    assert next(drm.model.backbone.parameters()).dtype == torch.bfloat16
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()

@@ -100,9 +100,11 @@ def test_every_format_and_dtype_scores_as_with_the_flags_off(drm_files, dynamic_
     with dynamic_vram():
         scores, drm = score(drm_files[fmt], weight_dtype)
     wanted = {"default": drm.dtype, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[weight_dtype]
-    # (an adapter's own LoRA stays float32 by design: its hooks compute in float32)
-    dtypes = {name: p.dtype for name, p in drm.model.named_parameters() if not name.startswith("lora.")}
+    # (an adapter's own LoRA and every head stay float32 by design: they compute in float32)
+    dtypes = {name: p.dtype for name, p in drm.model.named_parameters()
+              if not name.startswith(("lora.", "reward_output."))}
     assert dtypes and set(dtypes.values()) == {wanted}, dtypes
+    assert {p.dtype for p in drm.model.reward_output.parameters()} == {torch.float32}
     assert torch.isfinite(scores).all() and torch.equal(scores, expected), (scores, expected)
 
 

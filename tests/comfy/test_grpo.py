@@ -276,3 +276,19 @@ def test_a_demo_stopped_by_ctrl_c_exits_130_with_a_message(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("stopped: the demo stopped in stage 1 (DRM training): Interrupted at step 12.") and \
         "Traceback" not in err, err
+
+
+def test_the_default_rollout_schedule_is_flow_grpos(comfyui):
+    """Flow-GRPO samples on diffusers' FlowMatchEulerDiscreteScheduler (shift 3): ComfyUI's normal schedule."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers (a dev dependency) is the reference here")
+    from drm.runtime import flow_model_sampling
+    from drm.stepwise import schedule_sigmas
+    from trainer.grpo_train import GRPOConfig
+
+    for steps in (10, 28, 40):
+        reference = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        reference.set_timesteps(steps)
+        ours = schedule_sigmas(flow_model_sampling(), GRPOConfig().scheduler, steps)
+        torch.testing.assert_close(ours.float(), reference.sigmas.float(), rtol=0, atol=1e-6)
+    simple = schedule_sigmas(flow_model_sampling(), "simple", 10)
+    assert abs(float(simple[-2]) - 0.25) < 1e-6  # the old default: its last, deterministic jump never trained

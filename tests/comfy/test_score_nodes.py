@@ -160,15 +160,38 @@ def test_cached_conditioning_node_round_trips(nodes_mod):
 
 @pytest.mark.parametrize("weight_dtype, overflows", [("fp16", True), ("bf16", False), ("fp32", False)])
 def test_a_score_that_overflows_is_refused_naming_the_dtype(nodes_mod, prompts, weight_dtype, overflows):
-    """fp16 weights overflow on a large latent (3e4: 1.5305 * 3e4 summed over a 2x2x16 patch); bf16 and fp32 do not."""
-    from drm.runtime import NonFiniteScores
+    """A latent of 1e5 is 1.5e5 in model space, past fp16's largest value (65504); bf16 and fp32 hold it.
 
+    (The error is matched as a ValueError: the node raises the pack's NonFiniteScores, imported as part of
+    the package ComfyUI loads, which is another class object than drm.runtime's here.)"""
     drm = nodes_mod.loader.DRMLoader.execute(DRM_FILE, weight_dtype).args[0]
-    latent = {"samples": torch.full((2, 16, 16, 16), 3e4)}
+    latent = {"samples": torch.full((2, 16, 16, 16), 1e5)}
     if not overflows:
         scores, _, _ = score(nodes_mod, drm, latent, prompts[0])
         assert all(torch.isfinite(torch.tensor(scores)))
         return
-    with pytest.raises(NonFiniteScores, match=r"NaN or infinite scores for 2 of 2 latents, with its weights in "
-                                              r"float16.*bf16 or fp32"):
+    with pytest.raises(ValueError, match=r"NaN or infinite scores for 2 of 2 latents, with its weights in "
+                                         r"float16.*bf16 or fp32"):
         score(nodes_mod, drm, latent, prompts[0])
+
+
+def test_a_prompt_encoded_shorter_than_the_drm_was_trained_on_is_refused(nodes_mod, models_dir, prompts):
+    """A DRM trained with T5 padded to N tokens records N; a context of fewer than 77 + N tokens was encoded
+    otherwise (ComfyUI's default is 77), and the error names the stock node that fixes it."""
+    from drm.checkpoint import atomic_save, read_safetensors
+
+    tensors, metadata = read_safetensors(models_dir / "drm" / DRM_FILE)
+    path = models_dir / "drm" / "t5-256.safetensors"
+    atomic_save(tensors, path, dict(metadata, **{"drm.t5_length": "256"}))
+    try:
+        drm = nodes_mod.loader.DRMLoader.execute("t5-256.safetensors", "fp32").args[0]
+        latent = {"samples": torch.zeros(1, 16, 16, 16)}
+        short = [[torch.randn(1, 154, 4096), {"pooled_output": torch.randn(1, 2048)}]]
+        with pytest.raises(ValueError, match=r"154 tokens.*padded to 256 tokens \(333 with CLIP's 77\).*"
+                                             r"T5TokenizerOptions node with min_length 256"):
+            score(nodes_mod, drm, latent, short)
+        long_enough = [[torch.randn(1, 333, 4096), {"pooled_output": torch.randn(1, 2048)}]]
+        (value,), _, _ = score(nodes_mod, drm, latent, long_enough)
+        assert value == value  # scored
+    finally:
+        path.unlink()

@@ -278,16 +278,29 @@ def test_split_is_deterministic_and_disjoint():
     # pairs keep their prompt: the held-out part indexes the same conditioning rows
     original = {tuple(r.flatten()[:4].tolist()): int(i) for r, i in zip(pairs.preferred, pairs.prompt_index)}
     assert all(original[tuple(r.flatten()[:4].tolist())] == int(i) for r, i in zip(held.preferred, held.prompt_index))
-    assert rows(pairs.split(0.25, seed=8)[1]) != rows(held)
+    assert any(rows(pairs.split(0.25, seed=other)[1]) != rows(held) for other in range(8, 12))  # the seed matters
 
 
 def test_split_refuses_fractions_that_leave_no_training_data():
     pairs = synthetic_latent_pairs(4, size=4)
-    for bad in (-0.1, 1.0, 0.9):
+    for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="holdout_fraction"):
             pairs.split(bad, seed=0)
     train, held = pairs.split(0.0, seed=0)
     assert len(train) == 4 and len(held) == 0
+    train, held = pairs.split(0.9, seed=0)  # every prompt but one at most
+    assert len(train) >= 1 and len(held) == 3
+
+
+def test_split_is_by_prompt():
+    """No prompt (and so none of its pairs' images) is on both sides; the held-out part is about the fraction."""
+    pairs = synthetic_latent_pairs(40, size=4, seed=1)  # 4 prompts, 10 pairs each
+    train, held = pairs.split(0.1, seed=3)
+    assert set(train.prompt_index.tolist()).isdisjoint(held.prompt_index.tolist())
+    assert len(held) == 10 and len(train) == 30  # one prompt is the least that holds 10% out
+    one_prompt = pairs.subset(torch.nonzero(pairs.prompt_index == 0).flatten())
+    with pytest.raises(ValueError, match="share one prompt"):
+        one_prompt.split(0.1)
 
 
 # --- encoding guards that need no real VAE (the comfy tier encodes with one) ----------------------
@@ -324,8 +337,8 @@ def test_clip_prompt_encoder_tokenizes_then_encodes_with_pooled_output():
         def __init__(self):
             self.calls = []
 
-        def tokenize(self, text):
-            self.calls.append(("tokenize", text))
+        def tokenize(self, text, tokenizer_options=None):
+            self.calls.append(("tokenize", text, tokenizer_options))
             return {"tokens": text}
 
         def encode_from_tokens(self, tokens, return_pooled=False):
@@ -334,5 +347,7 @@ def test_clip_prompt_encoder_tokenizes_then_encodes_with_pooled_output():
 
     clip = FakeClip()
     context, pooled = clip_prompt_encoder(clip)("a cat")
-    assert clip.calls == [("tokenize", "a cat"), ("encode", {"tokens": "a cat"}, True)]
+    assert clip.calls == [("tokenize", "a cat", {"t5xxl_min_length": 77}), ("encode", {"tokens": "a cat"}, True)]
     assert context.shape == (1, 3, 8) and pooled.shape == (1, 4)
+    clip_prompt_encoder(clip, t5_length=512)("a dog")
+    assert clip.calls[-2] == ("tokenize", "a dog", {"t5xxl_min_length": 512})

@@ -9,6 +9,7 @@ of the batch (unlike a real MMDiT, whose outputs shift slightly with batch size)
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from drm.sde import sde_log_prob, sde_mean_std
+from drm.conditioning import by_context_length
+from drm.sde import sde_mean_std
 from trainer.config import ConfigError
 from trainer.grpo_loss import clipped_policy_loss, gaussian_kl, group_advantages, transition_loss
 from trainer.grpo_train import GRPOConfig, prompt_generators, trained_steps
@@ -48,7 +50,10 @@ class TinyPolicy(torch.nn.Module):
         self.register_buffer("w0", torch.linspace(-0.5, 0.5, CONTEXT_DIM))
         self.calls: list[int] = []
 
-    def predict(self, x, sigma, context, pooled, lora=True):
+    def predict(self, x, sigma, context, pooled, context_length=None, lora=True):
+        if context_length is not None:  # as the real Policy: each prompt at its own length
+            return by_context_length(lambda c, x_, s_, p_: self.predict(x_, s_, c, p_, lora=lora),
+                                     context, context_length, x, sigma, pooled)
         self.calls.append(x.shape[0])
         assert sigma.shape == (x.shape[0],) and context.shape[0] == x.shape[0] == pooled.shape[0]
         if lora:
@@ -153,7 +158,7 @@ def test_clipped_policy_loss_is_the_ppo_formula():
     old = torch.randn(4, 6, generator=g) * 0.3
     adv = torch.randn(4, 6, generator=g)
     clip = 0.2
-    loss, stats = clipped_policy_loss(log_prob, old, adv, clip)
+    loss, stats = clipped_policy_loss(log_prob - old, adv, clip, advantage_clip=0)
     ratio = (log_prob - old).exp()
     expected = torch.stack([-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)]).max(dim=0).values.mean()
     # equivalently PPO's -min(A r, A clip(r)):
@@ -175,35 +180,77 @@ def test_clipped_policy_loss_is_the_ppo_formula():
 ])
 def test_clipped_side_has_zero_gradient(advantage, log_ratio, clipped):
     clip = 0.2
-    old = torch.tensor([-2.0, 0.5])
-    log_prob = (old + log_ratio).clone().requires_grad_(True)
+    log_ratios = torch.full((2,), log_ratio).requires_grad_(True)
     adv = torch.full((2,), advantage)
-    loss, stats = clipped_policy_loss(log_prob, old, adv, clip)
+    loss, stats = clipped_policy_loss(log_ratios, adv, clip)
     loss.backward()
     if clipped:
-        assert torch.equal(log_prob.grad, torch.zeros(2))
+        assert torch.equal(log_ratios.grad, torch.zeros(2))
     else:
-        # d/dlogp of mean(-A r) = -A r / n
+        # d/dlogr of mean(-A r) = -A r / n
         ratio = torch.full((2,), float(torch.tensor(log_ratio).exp()))
-        torch.testing.assert_close(log_prob.grad, -adv * ratio / 2)
-        assert (log_prob.grad != 0).all()
+        torch.testing.assert_close(log_ratios.grad, -adv * ratio / 2)
+        assert (log_ratios.grad != 0).all()
     assert stats["clip_frac"] == (0.0 if log_ratio == 0 else 1.0)
     assert stats["ratio"] == pytest.approx(float(torch.tensor(log_ratio).exp()), rel=1e-6)
 
 
 # ---- 3. gaussian_kl ----
 
-def test_gaussian_kl_matches_torch_distributions():
+def test_gaussian_kl_is_flow_grpos_kl():
+    """Flow-GRPO: mean_CHW((mu - mu_ref)^2) / (2 std_dev_t^2), std_dev_t = the step std / sqrt(-dt):
+    the exact per-element KL (torch.distributions) times -dt."""
     g = torch.Generator().manual_seed(2)
     mean = torch.randn(3, *SHAPE, generator=g)
     reference = torch.randn(3, *SHAPE, generator=g)
-    std = torch.rand(3, 1, 1, 1, generator=g) + 0.2
-    kl = gaussian_kl(mean, reference, std)
-    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std.expand_as(mean)),
-                                                 torch.distributions.Normal(reference, std.expand_as(reference)))
+    std = torch.rand(3, 1, 1, 1, generator=g) + 0.2  # the step's std, std_dev_t * sqrt(-dt)
+    dt = -0.05
+    kl = gaussian_kl(mean, reference, std, dt)
+    std_dev_t = std / (-dt) ** 0.5
+    flow_grpo = ((mean - reference) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (2 * std_dev_t**2)
+    exact = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std.expand_as(mean)),
+                                              torch.distributions.Normal(reference, std.expand_as(reference)))
     assert kl.shape == (3,)
-    torch.testing.assert_close(kl, expected.flatten(1).sum(dim=1), rtol=1e-5, atol=1e-5)
-    assert torch.equal(gaussian_kl(mean, mean, std), torch.zeros(3))
+    torch.testing.assert_close(kl, flow_grpo.flatten(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(kl, exact.flatten(1).mean(dim=1) * (-dt), rtol=1e-5, atol=1e-7)
+    assert torch.equal(gaussian_kl(mean, mean, std, dt), torch.zeros(3))
+
+
+def test_the_loss_is_flow_grpos_on_a_hand_made_example():
+    """Two siblings, four elements each: log-probs in the per-element mean form, advantages clamped at 5."""
+    mean = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    old_mean = torch.tensor([[0.01, 0.99, 2.0, 3.02]])
+    std = torch.tensor([[0.5]])
+    samples = torch.tensor([[[0.2, 0.8, 2.1, 2.9]], [[-0.1, 1.3, 1.8, 3.1]]])
+    advantages = torch.tensor([[7.0], [-0.5]])  # 7 is clamped to 5
+    log_prob_new = -((samples - mean) ** 2) / (2 * 0.25) - torch.log(torch.tensor(0.5)) - 0.5 * math.log(2 * math.pi)
+    log_prob_old = -((samples - old_mean) ** 2) / (2 * 0.25) - torch.log(torch.tensor(0.5)) - 0.5 * math.log(2 * math.pi)
+    ratio = torch.exp(log_prob_new.mean(dim=-1) - log_prob_old.mean(dim=-1))  # Flow-GRPO: exp(mean lp - mean lp_old)
+    clamped = torch.tensor([[5.0], [-0.5]])
+    clip = 1e-3
+    expected = torch.maximum(-clamped * ratio, -clamped * ratio.clamp(1 - clip, 1 + clip)).mean()
+    from drm.sde import sde_log_ratio
+
+    log_ratio = torch.stack([sde_log_ratio(x, mean, old_mean, std) for x in samples])
+    loss, _ = clipped_policy_loss(log_ratio, advantages, clip)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_float_noise_in_the_recompute_clips_almost_nothing():
+    """With the mean form, a recompute that differs only by bf16 rounding keeps the ratio inside 1 +- 1e-4;
+    with the sum over a 512 px latent (65,536 elements) about half the terms clipped on noise alone."""
+    from drm.sde import sde_log_ratio
+
+    g = torch.Generator().manual_seed(3)
+    old_mean = torch.randn(8, 16, 64, 64, generator=g)
+    std = torch.full((8, 1, 1, 1), 0.3)
+    samples = (old_mean + std * torch.randn(old_mean.shape, generator=g))[None]
+    mean = old_mean.bfloat16().float()  # the recompute, rounded as bf16 would
+    log_ratio = torch.stack([sde_log_ratio(x, mean, old_mean, std) for x in samples])
+    _, stats = clipped_policy_loss(log_ratio, torch.ones(1, 8), 1e-4)
+    assert stats["clip_frac"] < 0.2, stats
+    summed = log_ratio * old_mean[0].numel()  # what the summed log-probs give for the same recompute
+    assert ((summed.exp() - 1).abs() > 1e-4).float().mean() > 0.4
 
 
 # ---- 4. on-policy ratio is exactly 1 ----
@@ -263,7 +310,7 @@ def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it():
                                  r.sigma_next, 0.7)
         ref = policy.predict(r.parent, sig, cond.context, cond.pooled, lora=False)
         ref_mean, _ = sde_mean_std(r.parent, ref, r.sigma, r.sigma_next, 0.7)
-        expected.append(gaussian_kl(mean, ref_mean, std).mean().item())
+        expected.append(gaussian_kl(mean, ref_mean, std, r.sigma_next - r.sigma).mean().item())
     assert out["kl"] > 0
     assert out["kl"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
 
@@ -284,7 +331,7 @@ def test_kl_reference_is_the_lora_off_cfg_transition():
                 return sde_mean_std(r.parent, u + cfg * (c - u), r.sigma, r.sigma_next, 0.7)
 
             (mean, std), (ref_mean, _) = transition(True), transition(False)
-            expected.append(gaussian_kl(mean, ref_mean, std).mean().item())
+            expected.append(gaussian_kl(mean, ref_mean, std, r.sigma_next - r.sigma).mean().item())
     assert out["kl"] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
@@ -308,7 +355,7 @@ def test_shared_parent_gradient_equals_separate_children(cfg):
 
     zero_grads(policy)
     shared_loss, shared_stats, _ = transition_loss(denoised(), record.parent, record.sigma, record.sigma_next, eta,
-                                                   record.samples, record.old_log_prob, record.advantages, clip)
+                                                   record.samples, record.old_mean, record.advantages, clip)
     shared_loss.backward()
     shared = grads(policy)
 
@@ -316,7 +363,7 @@ def test_shared_parent_gradient_equals_separate_children(cfg):
     separate_loss, clip_fracs = 0.0, []
     for k in range(branches):
         loss, stats, _ = transition_loss(denoised(), record.parent, record.sigma, record.sigma_next, eta,
-                                         record.samples[k:k + 1], record.old_log_prob[k:k + 1],
+                                         record.samples[k:k + 1], record.old_mean,
                                          record.advantages[k:k + 1], clip)
         (loss / branches).backward()
         separate_loss += loss.item() / branches
@@ -337,7 +384,7 @@ def _assert_records_equal(a, b):
     assert len(a) == len(b)
     for ra, rb in zip(a, b):
         assert (ra.step, ra.sigma, ra.sigma_next) == (rb.step, rb.sigma, rb.sigma_next)
-        for name in ("parent", "uncond", "samples", "old_log_prob", "advantages"):
+        for name in ("parent", "uncond", "samples", "old_mean", "advantages"):
             assert torch.equal(getattr(ra, name), getattr(rb, name)), name
 
 
@@ -379,7 +426,7 @@ def test_prompts_split_over_calls_equal_one_call(algorithm):
         assert torch.equal(w.parent, torch.cat([a.parent, b.parent]))
         assert torch.equal(w.uncond, torch.cat([a.uncond, b.uncond]))
         assert torch.equal(w.samples, torch.cat([a.samples, b.samples], dim=1))
-        assert torch.equal(w.old_log_prob, torch.cat([a.old_log_prob, b.old_log_prob], dim=1))
+        assert torch.equal(w.old_mean, torch.cat([a.old_mean, b.old_mean]))
         assert torch.equal(w.advantages, torch.cat([a.advantages, b.advantages], dim=1))
 
 
@@ -413,7 +460,7 @@ def test_step_grpo_records():
         assert (r.sigma, r.sigma_next) == (float(SIGMAS[r.step]), float(SIGMAS[r.step + 1]))
         assert r.parent.shape == r.uncond.shape == (batch, *SHAPE)
         assert r.samples.shape == (branches, batch, *SHAPE)
-        assert r.old_log_prob.shape == r.advantages.shape == (branches, batch)
+        assert r.old_mean.shape == r.parent.shape and r.advantages.shape == (branches, batch)
         assert sigma == r.sigma_next
         assert x.shape == (branches * batch, *SHAPE)
         assert torch.equal(x, r.samples.flatten(0, 1))  # row k * B + b is sibling k of prompt b
@@ -443,7 +490,7 @@ def test_step_grpo_records_only_the_trained_steps():
     assert records == []
 
 
-def test_step_grpo_old_log_prob_is_the_siblings_log_density():
+def test_step_grpo_old_mean_is_the_rollouts_transition_mean():
     policy, cond, cfg = TinyPolicy(), make_bank(2), 4.5
     records, _, _ = step_rollout(policy, RecordingReward(torch.ones(2)), cond, [8, 9], cfg=cfg, branches=3)
     for r in records:
@@ -453,9 +500,8 @@ def test_step_grpo_old_log_prob_is_the_siblings_log_density():
             uncond = policy.predict(r.parent, sig, cond.negative_context.expand(2, -1, -1),
                                     cond.negative_pooled.expand(2, -1))
         assert torch.equal(uncond, r.uncond)
-        mean, std = sde_mean_std(r.parent, uncond + cfg * (conditional - uncond), r.sigma, r.sigma_next, 0.7)
-        expected = torch.stack([sde_log_prob(s, mean, std) for s in r.samples])
-        torch.testing.assert_close(r.old_log_prob, expected)
+        mean, _ = sde_mean_std(r.parent, uncond + cfg * (conditional - uncond), r.sigma, r.sigma_next, 0.7)
+        torch.testing.assert_close(r.old_mean, mean)
 
 
 # ---- 8. GRPO records ----
@@ -479,7 +525,7 @@ def test_grpo_records():
     for r in records:
         assert r.parent.shape == r.uncond.shape == (batch * group, *SHAPE)
         assert r.samples.shape == (1, batch * group, *SHAPE)
-        assert r.old_log_prob.shape == r.advantages.shape == (1, batch * group)
+        assert r.old_mean.shape == r.parent.shape and r.advantages.shape == (1, batch * group)
         assert torch.equal(r.advantages, records[0].advantages)  # the same advantage at every trained step
         torch.testing.assert_close(r.advantages, expected)
     per_group = records[0].advantages.view(batch, group)
@@ -681,3 +727,28 @@ def test_non_finite_rewards_are_refused_before_they_become_advantages(bad):
     rewards = torch.tensor([[0.1, 0.5, bad, 0.2]])
     with pytest.raises(ValueError, match="1 rewards are NaN or infinite"):
         group_advantages(rewards)
+
+
+def test_global_std_divides_by_the_std_of_all_the_batchs_rewards():
+    """Flow-GRPO's global_std: per-prompt mean, population std over every reward of the batch, + 1e-4."""
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.5, 11.0]])
+    everything = torch.cat([rewards.flatten(), torch.tensor([0.0, 20.0])])  # other processes' rewards too
+    expected = (rewards - rewards.mean(dim=1, keepdim=True)) / (everything.std(unbiased=False) + 1e-4)
+    torch.testing.assert_close(group_advantages(rewards, std_of=everything), expected)
+    # per group, a nearly flat group's tiny spread becomes +-1.2; over the batch it stays small
+    assert group_advantages(rewards)[1].abs().max() > 1.2 > group_advantages(rewards, std_of=everything)[1].abs().max()
+
+
+@pytest.mark.parametrize(("algorithm", "setting", "resolved"), [
+    ("grpo", "auto", "global"), ("step-grpo", "auto", "group"), ("grpo", "group", "group"),
+    ("step-grpo", "global", "global")])
+def test_advantage_std_auto_is_flow_grpos_for_grpo_and_the_papers_for_step_grpo(algorithm, setting, resolved):
+    from trainer.grpo_train import resolved_advantage_std
+
+    assert resolved_advantage_std(GRPOConfig(algorithm=algorithm, advantage_std=setting)) == resolved
+
+
+def test_flow_grpo_defaults():
+    config = GRPOConfig()
+    assert (config.scheduler, config.eta, config.cfg, config.clip_range, config.advantage_clip) == \
+        ("normal", 0.7, 4.5, 1e-4, 5.0)

@@ -44,7 +44,20 @@ def test_log_prob_matches_torch_normal():
     assert step.log_prob.shape == (x.shape[0],) and step.log_prob.dtype == torch.float32
     assert torch.all(step.std > 0)
     expected = torch.distributions.Normal(step.mean, step.std.expand_as(step.mean)).log_prob(step.sample)
-    torch.testing.assert_close(step.log_prob, expected.sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-3)
+    # Flow-GRPO's reduction: the mean over the elements, not the sum
+    torch.testing.assert_close(step.log_prob, expected.mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_log_ratio_is_the_elementwise_difference_of_log_probs():
+    from drm.sde import sde_log_ratio
+
+    x, denoised = random_inputs()
+    old_mean, std = sde_mean_std(x, denoised, 0.7, 0.6, 0.7)
+    new_mean = old_mean + 0.01 * torch.randn(old_mean.shape, generator=torch.Generator().manual_seed(2))
+    sample = old_mean + std * torch.randn(old_mean.shape, generator=torch.Generator().manual_seed(3))
+    expected = sde_log_prob(sample, new_mean, std) - sde_log_prob(sample, old_mean, std)
+    torch.testing.assert_close(sde_log_ratio(sample, new_mean, old_mean, std), expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(sde_log_ratio(sample, old_mean, old_mean, std), torch.zeros(3))  # on-policy: exactly 1
 
 
 def test_transition_std_and_mean_follow_the_formula():
@@ -58,11 +71,14 @@ def test_transition_std_and_mean_follow_the_formula():
     torch.testing.assert_close(std, torch.full((3, 1, 1, 1), base_std * (s - s_next) ** 0.5))
 
 
-def test_sigma_one_uses_sigma_next_inside_the_sqrt():
+def test_sigma_one_uses_sigma_next_in_the_denominator_only_as_flow_grpo():
+    """Flow-GRPO: std_t = eta * sqrt(s / (1 - where(s == 1, s_next, s))); the step's noise std at s = 1 is eta."""
     x, denoised = random_inputs()
-    _, std = sde_mean_std(x, denoised, 1.0, 0.9, eta=0.7)
-    expected = 0.7 * (0.9 / 0.1) ** 0.5 * 0.1**0.5
+    s_next = 0.960129  # the second sigma of the 10-step SD3 schedule
+    _, std = sde_mean_std(x, denoised, 1.0, s_next, eta=0.7)
+    expected = 0.7 * (1.0 / (1 - s_next)) ** 0.5 * (1 - s_next) ** 0.5
     torch.testing.assert_close(std, torch.full_like(std, expected))
+    assert abs(std.flatten()[0].item() - 0.7) < 1e-6  # was 0.686 with s_next in the numerator as well
 
 
 def test_given_noise_is_used_and_generator_is_reproducible():
@@ -82,8 +98,9 @@ def test_gradients_flow_through_mean():
     step = sde_step(x, denoised, 0.5, 0.4, generator=torch.Generator().manual_seed(1))
     mean = step.mean.clone().requires_grad_(True)
     sde_log_prob(step.sample, mean, step.std).sum().backward()
-    # d/dmean log N(sample; mean, std^2) = (sample - mean) / std^2
-    torch.testing.assert_close(mean.grad, (step.sample - step.mean) / step.std**2, rtol=1e-4, atol=1e-4)
+    # d/dmean log N(sample; mean, std^2) = (sample - mean) / std^2, over the D elements averaged
+    elements = step.sample[0].numel()
+    torch.testing.assert_close(mean.grad, (step.sample - step.mean) / step.std**2 / elements, rtol=1e-4, atol=1e-6)
 
 
 def test_last_step_to_zero_returns_denoised_exactly():
