@@ -1,13 +1,16 @@
-"""The DRM network: SD3's MMDiT cut after `blocks` joint blocks, its final layer, and a ConvGN head.
+"""The DRM network: SD3's MMDiT cut after `blocks` joint blocks, and a reward head on what they produce.
 
 Forward (DESIGN §4): embed x_t, timestep, pooled text and context as the MMDiT does; run joint
-blocks 0 .. blocks-1; apply the final layer (adaLN norm + linear); unpatchify to [B, 16, H, W]; the
-head turns that map into one score per sample.
+blocks 0 .. blocks-1. Then one of two heads (drm.head in the file's metadata):
+- `convgn` (the paper's): the final layer (adaLN norm + linear), unpatchified to [B, 16, H, W], and a
+  ConvGN head on that map;
+- `dina` (DiNa-LRM's): a query-attention head on the image and text tokens after chosen blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 
 import comfy.model_detection
 import comfy.ops
@@ -17,24 +20,32 @@ from comfy.ldm.modules.diffusionmodules.mmdit import FinalLayer, MMDiT
 from torch import nn
 
 from .checkpoint import HEAD_PREFIX, count_blocks
-from .head import ConvGNHead
+from .head import ConvGNHead, DiNaHead
 from .lora import PREFIX as LORA_PREFIX
 from .lora import LoRA
 
+HEADS = ("convgn", "dina")
+
 
 class DRM(nn.Module):
-    """Reward model: the first `blocks` joint blocks of an MMDiT, a final layer, and a scalar head.
+    """Reward model: the first `blocks` joint blocks of an MMDiT and a scalar head (with, for the ConvGN
+    head, a final layer).
 
     `backbone` is either this DRM's own truncated MMDiT (full format) or, with `shared_backbone=True`,
     the generator's MMDiT: then it is not registered as a submodule (the generator's ModelPatcher
     owns and moves those weights) and `lora`, if given, adapts it only while the DRM runs.
     """
 
-    def __init__(self, backbone: MMDiT, blocks: int, final_layer: nn.Module, head: ConvGNHead,
+    def __init__(self, backbone: MMDiT, blocks: int, final_layer: nn.Module | None, head: nn.Module,
                  lora: LoRA | None = None, shared_backbone: bool = False):
         super().__init__()
         if not 1 <= blocks <= len(backbone.joint_blocks):
             raise ValueError(f"blocks={blocks}: expected 1..{len(backbone.joint_blocks)} (joint blocks in the backbone).")
+        if head.uses_final_layer != (final_layer is not None):
+            raise ValueError(f"{type(head).__name__} {'needs' if head.uses_final_layer else 'takes no'} final layer")
+        taps = getattr(head, "image_taps", ()) + getattr(head, "text_taps", ())
+        if any(not 0 <= t <= blocks for t in taps):
+            raise ValueError(f"the head reads blocks {sorted(set(taps))}, but the DRM runs {blocks}")
         if shared_backbone:
             object.__setattr__(self, "backbone", backbone)
         else:
@@ -66,23 +77,39 @@ class DRM(nn.Module):
         m = self.backbone
         return None if m.pos_embed_max_size is None else m.pos_embed_max_size * m.patch_size
 
-    def features(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                 y: torch.Tensor) -> torch.Tensor:
-        """The truncated MMDiT's output map, [B, out_channels, H, W]."""
+    def run_blocks(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+                   image_taps: tuple[int, ...] = (), text_taps: tuple[int, ...] = ()):
+        """Run the kept blocks. Returns (image tokens, c, image taps, text taps).
+
+        Image tokens [B, N_img, D] leave the last kept block; c [B, D] is the timestep + pooled-text
+        embedding; the taps are the image / text tokens after each listed block count (0: the embedded
+        input), in increasing order.
+        """
         m = self.backbone
-        hw = x.shape[-2:]
-        h = m.x_embedder(x) + comfy.ops.cast_to_input(m.cropped_pos_embed(hw, device=x.device), x)
+        h = m.x_embedder(x) + comfy.ops.cast_to_input(m.cropped_pos_embed(x.shape[-2:], device=x.device), x)
         c = m.t_embedder(timesteps, dtype=x.dtype)
         if y is not None and m.y_embedder is not None:
             c = c + m.y_embedder(y)
         context = m.context_embedder(context)
+        image = [h] if 0 in image_taps else []
+        text = [context] if 0 in text_taps else []
         for i in range(self.blocks):
             if self.checkpointing:  # recompute in backward; the LoRA hooks are entered again there
                 context, h = torch.utils.checkpoint.checkpoint(self._block, i, context, h, c, use_reentrant=False)
             else:
                 context, h = self._block(i, context, h, c)
-        h = self.final_layer(h, c)
-        return m.unpatchify(h, hw=hw)[:, :, : hw[-2], : hw[-1]]
+            if i + 1 in image_taps:
+                image.append(h)
+            if i + 1 in text_taps:
+                text.append(context)
+        return h, c, image, text
+
+    def features(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        """The ConvGN head's input: the truncated MMDiT's output map, [B, out_channels, H, W]."""
+        h, c, _, _ = self.run_blocks(x, timesteps, context, y)
+        hw = x.shape[-2:]
+        return self.backbone.unpatchify(self.final_layer(h, c), hw=hw)[:, :, : hw[-2], : hw[-1]]
 
     def _block(self, i: int, context: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """Joint block i, with this DRM's LoRA (if any) on it for the duration of the call."""
@@ -95,11 +122,44 @@ class DRM(nn.Module):
                 y: torch.Tensor) -> torch.Tensor:
         """Scores [B], float32. `x` is a model-space latent at noise level timesteps / 1000; pass float32
         timesteps (ComfyUI's sinusoidal embedding rounds them to their dtype first)."""
-        features = self.features(x, timesteps, context, y)
+        head = self.reward_output
+        if head.uses_final_layer:
+            inputs = (self.features(x, timesteps, context, y).float(),)
+        else:
+            _, c, image, text = self.run_blocks(x, timesteps, context, y, head.image_taps, head.text_taps)
+            inputs = ([t.float() for t in image], [t.float() for t in text], c.float())
         # The head is float32, autocast or not: bf16 scores are 0.03 apart at |r| ~ 4, which makes ties
         # among K candidates and +-1 advantages.
-        with torch.autocast(features.device.type, enabled=False):
-            return self.reward_output(features.float())
+        with torch.autocast(x.device.type, enabled=False):
+            return head(*inputs)
+
+
+def new_head(head_config: dict | None, backbone: MMDiT, dtype=None, device=None, operations=None) -> nn.Module:
+    """The reward head a DRM file names: None or {"kind": "convgn"} is the paper's ConvGN head, {"kind":
+    "dina", ...DiNaHead arguments} DiNa-LRM's. Raises ValueError for another kind or argument."""
+    config = dict(head_config or {"kind": "convgn"})
+    kind = config.pop("kind", None)
+    if kind == "convgn" and not config:
+        return ConvGNHead(in_channels=backbone.out_channels, operations=operations or nn, dtype=dtype, device=device)
+    if kind == "dina":
+        try:
+            return DiNaHead(token_dim=backbone.hidden_size, cond_dim=backbone.hidden_size, **config,
+                            dtype=dtype, device=device)
+        except TypeError as e:
+            raise ValueError(f"head config {json.dumps(head_config)} does not fit DiNaHead ({e})") from None
+    raise ValueError(f"head config {json.dumps(head_config)}: expected kind {' or '.join(HEADS)}")
+
+
+def head_config_of(metadata: dict[str, str]) -> dict | None:
+    """The head a DRM file's metadata names (drm.head, drm.head_config); None for the ConvGN default."""
+    kind = metadata.get("drm.head", "convgn")
+    if kind == "convgn":
+        return None
+    try:
+        config = json.loads(metadata.get("drm.head_config", "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"metadata drm.head_config is not JSON ({e})") from None
+    return {**config, "kind": kind}
 
 
 def backbone_config(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -112,8 +172,10 @@ def backbone_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
 
 def build_drm(state_dict: dict[str, torch.Tensor], blocks: int, dtype: torch.dtype | None = None,
-              device: torch.device | str | None = None, operations=None) -> DRM:
+              device: torch.device | str | None = None, operations=None, head_config: dict | None = None) -> DRM:
     """Build a DRM from comfy MMDiT keys plus `reward_output.*` head keys (the `full` layout).
+
+    `head_config`: the head (new_head); the ConvGN head also takes `final_layer.*` keys.
 
     Joint blocks at index >= `blocks` in the state dict are ignored. Raises ValueError on a key or
     shape mismatch, naming the key. Every tensor is cast to `dtype` here, whatever ComfyUI's ops do
@@ -132,7 +194,7 @@ def build_drm(state_dict: dict[str, torch.Tensor], blocks: int, dtype: torch.dty
     final_sd = {k[len("final_layer."):]: v for k, v in backbone_sd.items() if k.startswith("final_layer.")}
     backbone_sd = {k: v for k, v in backbone_sd.items() if not k.startswith("final_layer.")}
 
-    def parts(dtype, device, operations) -> tuple[MMDiT, FinalLayer, ConvGNHead]:
+    def parts(dtype, device, operations) -> tuple[MMDiT, FinalLayer | None, nn.Module]:
         # SD3's last block is context-pre-only (MMDiT builds it so when final_layer=True); a truncated
         # backbone's last kept block is a full block. The final layer itself lives on the DRM.
         keeps_all = blocks == config["depth"]
@@ -141,15 +203,18 @@ def build_drm(state_dict: dict[str, torch.Tensor], blocks: int, dtype: torch.dty
         if keeps_all:
             del backbone.final_layer
         head_dtype = None if device == "meta" else torch.float32  # see DRM.forward
-        return (backbone, new_final_layer(backbone, dtype=dtype, device=device, operations=operations),
-                ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=head_dtype, device=device))
+        head = new_head(head_config, backbone, dtype=head_dtype, device=device, operations=operations)
+        final_layer = new_final_layer(backbone, dtype=dtype, device=device, operations=operations) \
+            if head.uses_final_layer else None
+        return backbone, final_layer, head
 
     built = parts(dtype, device, operations)
     templates = parts(None, "meta", nn)  # the shapes the architecture expects, at no memory cost
     for module, template, sd, what, part_dtype in zip(built, templates, (backbone_sd, final_sd, head_sd),
                                                       ("backbone", "final layer", "head (reward_output.*)"),
                                                       (dtype, dtype, torch.float32)):
-        load_checked(module, template, sd, what, part_dtype)
+        if module is not None:
+            load_checked(module, template, sd, what, part_dtype)
     backbone, final_layer, head = built
     return DRM(backbone, blocks, final_layer, head)
 
@@ -183,8 +248,9 @@ def load_checked(module: nn.Module, template: nn.Module, state_dict: dict[str, t
 
 
 def build_adapter_drm(state_dict: dict[str, torch.Tensor], blocks: int, backbone: MMDiT, dtype=None, device=None,
-                      operations=None) -> DRM:
-    """An `adapter` DRM on a generator's MMDiT: LoRA (optional) + own final layer + head; base weights shared."""
+                      operations=None, head_config: dict | None = None) -> DRM:
+    """An `adapter` DRM on a generator's MMDiT: LoRA (optional) + head (+ a final layer for the ConvGN
+    head, see new_head); base weights shared."""
     operations = operations or comfy.ops.disable_weight_init
     if not 1 <= blocks <= len(backbone.joint_blocks):
         raise ValueError(f"the adapter keeps {blocks} blocks but the MODEL's MMDiT has {len(backbone.joint_blocks)}")
@@ -199,12 +265,14 @@ def build_adapter_drm(state_dict: dict[str, torch.Tensor], blocks: int, backbone
             if tuple(weight.shape) != (up.shape[0], down.shape[1]):
                 raise ValueError(f"the adapter's LoRA for {path} is {up.shape[0]}x{down.shape[1]} but the MODEL's "
                                  f"layer is {tuple(weight.shape)}: the DRM was trained on another base model")
-    final_layer = new_final_layer(backbone, dtype=dtype, device=device, operations=operations)
-    head = ConvGNHead(in_channels=backbone.out_channels, operations=operations, dtype=torch.float32, device=device)
-    load_checked(final_layer, new_final_layer(backbone, device="meta", operations=nn),
-                 {k[len("final_layer."):]: v for k, v in state_dict.items() if k.startswith("final_layer.")},
-                 "final layer", dtype)
-    load_checked(head, ConvGNHead(in_channels=backbone.out_channels, device="meta"),
+    head = new_head(head_config, backbone, dtype=torch.float32, device=device, operations=operations)
+    load_checked(head, new_head(head_config, backbone, device="meta"),
                  {k[len(HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)},
                  "head (reward_output.*)", torch.float32)
+    final_layer = None
+    if head.uses_final_layer:
+        final_layer = new_final_layer(backbone, dtype=dtype, device=device, operations=operations)
+        load_checked(final_layer, new_final_layer(backbone, device="meta", operations=nn),
+                     {k[len("final_layer."):]: v for k, v in state_dict.items() if k.startswith("final_layer.")},
+                     "final layer", dtype)
     return DRM(backbone, blocks, final_layer, head, lora=lora, shared_backbone=True)

@@ -151,3 +151,15 @@ def _sigma_columns(sigma: Sigma, sigma_next: Sigma, x: Tensor) -> tuple[Tensor, 
         raise ValueError(f"sigma_next must be <= sigma, got sigma={sigma}, sigma_next={sigma_next}; "
                          "sampling runs from noise to data, so pass a decreasing schedule.")
     return s, s_next
+
+
+def renoise(x: Tensor, sigma: float, target_sigma: float, noise: Tensor) -> Tensor:
+    """A latent at noise level `sigma` moved forward to `target_sigma` >= sigma (the rectified-flow forward process).
+
+    With x_s = (1 - s) x0 + s e, x_u = a x_s + sqrt(u^2 - a^2 s^2) z with a = (1 - u) / (1 - s) and z ~ N(0, I)
+    has exactly the marginal (1 - u) x0 + u e'; at s = 0 it is DiNa-LRM's (1 - u) x0 + u z. Shapes as x.
+    """
+    if not 0.0 <= sigma <= target_sigma < 1.0:
+        raise ValueError(f"renoise from sigma {sigma} to {target_sigma}: expected 0 <= sigma <= target < 1")
+    a = (1.0 - target_sigma) / (1.0 - sigma)
+    return a * x + math.sqrt(max(target_sigma ** 2 - (a * sigma) ** 2, 0.0)) * noise.to(x)

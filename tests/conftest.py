@@ -121,3 +121,4 @@ def tiny_generator(comfyui):
 
     sd = tiny_generator_state_dict()
     return sd, comfy.sd.load_diffusion_model_state_dict(dict(sd))
+

@@ -7,6 +7,8 @@ random brightness, so warmth is not the only difference, but it is the only one 
 The latent rule (`synthetic_latent_pairs`, no VAE): the preferred latent has the higher mean of
 channel 0 over its top half (`latent_rule_score`), by at least `LATENT_MARGIN`.
 
+`tiny_dina_snapshot` writes a DiNa-LRM snapshot folder with random weights, for `trainer import-dina`.
+
 Nothing here imports ComfyUI at module level; `tiny_vae` imports it when called.
 """
 
@@ -20,6 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
+
+from drm.checkpoint import count_blocks
+from drm.head import DiNaHead
 
 from .data import EncodedPairs
 
@@ -141,3 +147,83 @@ def tiny_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     # what ComfyUI's VAELoader sets for taesd3, SD3's latent scale and shift
     state["vae_scale"], state["vae_shift"] = torch.tensor(SD3_SCALE), torch.tensor(SD3_SHIFT)
     return {k: v.contiguous() for k, v in state.items()}
+
+
+# ---- DiNa-LRM snapshots (what `trainer import-dina` converts) ----
+
+# The release's target modules (diffusion_rm/models/sd3_rm.py); peft matches them by name suffix, so
+# `to_q` also lands on attn2.to_q.
+DINA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def dina_model_section(blocks: int, image_taps: list[int], text_taps: list[int], rank: int, alpha: float) -> dict:
+    return {
+        "model_type": "thurstone", "backbone_model_id": "stabilityai/stable-diffusion-3.5-medium",
+        "num_transformer_layers": blocks, "freeze_backbone": False, "use_ema": True, "ema_decay": 0.995,
+        "use_lora": True, "use_text_features": True,
+        "lora_config": {"r": rank, "lora_alpha": alpha, "init_lora_weights": "gaussian"},
+        "use_logistic": False, "visual_head_idx": image_taps, "text_head_idx": text_taps, "use_t_embed": True,
+        "reward_head": {"use_proj_in": False, "width": -1, "out_dim": 1, "num_queries": 4, "num_attn_heads": 8,
+                        "dropout": 0.0},
+    }
+
+
+def dina_adapter_config(rank: int, alpha: float) -> dict:
+    """What peft's save_pretrained writes for the release's LoraConfig (the fields an importer reads)."""
+    return {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": DINA_TARGET_MODULES,
+            "exclude_modules": None, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+            "fan_in_fan_out": False, "init_lora_weights": "gaussian", "rank_pattern": {}, "alpha_pattern": {},
+            "modules_to_save": None, "layers_to_transform": None, "lora_bias": False, "task_type": None}
+
+
+def random_dina_head(token_dim: int, image_taps: list[int], text_taps: list[int], seed: int = 3) -> DiNaHead:
+    """A DiNaHead with every parameter random (norm scales near 1), so each part changes the score."""
+    torch.manual_seed(seed)
+    head = DiNaHead(token_dim, token_dim, tuple(image_taps), tuple(text_taps))
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / max(p.shape[-1], 1) ** 0.5)
+    return head
+
+
+def write_dina_snapshot(root: Path, lora: dict[str, torch.Tensor], head_state: dict[str, torch.Tensor], model: dict,
+                   rank: int, alpha: float) -> Path:
+    """The snapshot folder layout: config.json, checkpoint/backbone_lora/{adapter_config.json,
+    adapter_model.safetensors}, checkpoint/rm_head.pt. `lora` uses peft's saved names."""
+    (root / "checkpoint" / "backbone_lora").mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"model": model, "training": {"add_noise": True}}))
+    (root / "checkpoint" / "backbone_lora" / "adapter_config.json").write_text(json.dumps(dina_adapter_config(rank, alpha)))
+    save_file({k: v.contiguous() for k, v in lora.items()}, str(root / "checkpoint" / "backbone_lora" / "adapter_model.safetensors"))
+    torch.save(head_state, root / "checkpoint" / "rm_head.pt")
+    return root
+
+
+def random_peft_lora(width: int, blocks: int, dual_attention: int, rank: int, seed: int = 4) -> dict[str, torch.Tensor]:
+    """A LoRA in peft's saved names for an SD3 MMDiT `width` wide: every target in the first `blocks`
+    blocks, attn2 in the first `dual_attention` of them."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(blocks):
+        layers = [f"attn.{t}" for t in DINA_TARGET_MODULES]
+        if i < dual_attention:
+            layers += [f"attn2.{t}" for t in ("to_q", "to_k", "to_v", "to_out.0")]
+        for layer in layers:
+            key = f"base_model.model.transformer_blocks.{i}.{layer}"
+            out[f"{key}.lora_A.weight"] = torch.randn(rank, width, generator=gen) / width ** 0.5
+            out[f"{key}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.05
+    return out
+
+
+def tiny_dina_snapshot(root: Path, generator_sd: dict[str, torch.Tensor], seed: int = 3) -> Path:
+    """A DiNa-LRM snapshot folder for a tiny generator (drm.tiny), in the published layout, with random
+    weights: a LoRA on its first `depth - 1` blocks, image and text taps after the last of them.
+    `trainer import-dina` turns it into a DRM file, as it does the real snapshot."""
+    width = generator_sd["x_embedder.proj.weight"].shape[0]
+    blocks = max(1, count_blocks(generator_sd) - 1)  # the generator's last block leaves no text tokens
+    dual = sum(f"joint_blocks.{i}.x_block.attn2.qkv.weight" in generator_sd for i in range(blocks))
+    head = random_dina_head(width, [blocks], [blocks], seed=seed)
+    return write_dina_snapshot(root, random_peft_lora(width, blocks, dual, rank=4, seed=seed + 1), head.state_dict(),
+                               dina_model_section(blocks, [blocks], [blocks], 4, 8.0), 4, 8.0)

@@ -1,0 +1,129 @@
+"""`python -m trainer import-dina`: a DiNa-LRM snapshot to one DRM file, and every bad snapshot refused clearly.
+
+The conversion needs no ComfyUI. Its scores are checked against the architecture's reference forward in
+tests/comfy/test_dina_scoring.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+import torch
+
+from drm.checkpoint import read_safetensors
+from drm.lora import LoRA
+from trainer import synthetic
+from trainer.__main__ import main
+from trainer.import_dina import SnapshotError, import_dina
+
+WIDTH, BLOCKS, DUAL, RANK, ALPHA = 64, 3, 2, 4, 8.0
+IMAGE_TAPS, TEXT_TAPS = [1, 3], [2, 3]
+
+
+@pytest.fixture()
+def snapshot(tmp_path):
+    head = synthetic.random_dina_head(WIDTH, IMAGE_TAPS, TEXT_TAPS)
+    model = synthetic.dina_model_section(BLOCKS, IMAGE_TAPS, TEXT_TAPS, RANK, ALPHA)
+    return synthetic.write_dina_snapshot(tmp_path / "snap", synthetic.random_peft_lora(WIDTH, BLOCKS, DUAL, RANK), head.state_dict(),
+                               model, RANK, ALPHA)
+
+
+def edit_config(snapshot, **model_changes):
+    path = snapshot / "config.json"
+    config = json.loads(path.read_text())
+    config["model"].update(model_changes)
+    path.write_text(json.dumps(config))
+
+
+def test_converts_to_an_adapter_drm_with_fused_qkv(snapshot, tmp_path):
+    out = tmp_path / "dina.safetensors"
+    metadata = import_dina(snapshot, out)
+    tensors, stored = read_safetensors(out)
+    assert stored == metadata
+    assert (stored["drm.format"], stored["drm.head"], stored["drm.blocks"]) == ("adapter", "dina", str(BLOCKS))
+    assert json.loads(stored["drm.head_config"])["image_taps"] == IMAGE_TAPS
+    assert not any(k.startswith("joint_blocks.") for k in tensors), "no backbone copy: it runs on the generator's weights"
+    lora = LoRA.from_state_dict_comfy({k: v for k, v in tensors.items() if k.startswith("diffusion_model.")})
+    # per block: x qkv + proj, context qkv + proj, and attn2 qkv + proj in the dual-attention blocks
+    assert len(lora.paths) == BLOCKS * 4 + DUAL * 2
+    peft = read_safetensors(snapshot / "checkpoint" / "backbone_lora" / "adapter_model.safetensors")[0]
+
+    def peft_delta(block, layer):
+        a, b = (peft[f"base_model.model.transformer_blocks.{block}.{layer}.lora_{x}.weight"] for x in "AB")
+        return ALPHA / RANK * b @ a
+
+    def delta(path):
+        return lora.merged_delta(lora.paths.index(path)).detach()
+
+    # three adapters on one fused qkv layer add up to exactly the three peft deltas, stacked q, k, v
+    assert torch.allclose(delta("joint_blocks.1.x_block.attn2.qkv"),
+                          torch.cat([peft_delta(1, f"attn2.to_{x}") for x in "qkv"]), atol=1e-6)
+    assert torch.allclose(delta("joint_blocks.1.context_block.attn.qkv"),
+                          torch.cat([peft_delta(1, f"attn.add_{x}_proj") for x in "qkv"]), atol=1e-6)
+    assert torch.allclose(delta("joint_blocks.2.context_block.attn.proj"), peft_delta(2, "attn.to_add_out"), atol=1e-6)
+    assert torch.allclose(delta("joint_blocks.0.x_block.attn.proj"), peft_delta(0, "attn.to_out.0"), atol=1e-6)
+
+
+def test_cli_writes_the_file_and_says_how_to_use_it(snapshot, tmp_path, capsys):
+    out = tmp_path / "models" / "drm" / "dina.safetensors"
+    assert main(["import-dina", str(snapshot), "--out", str(out)]) == 0
+    assert out.is_file()
+    assert "connect the SD3.5-Medium MODEL" in capsys.readouterr().out
+
+
+class NotATensor:
+    """Stands in for any pickled object other than tensors (which could run code when unpickled)."""
+
+
+BAD_SNAPSHOTS = {
+    "flux backbone": (lambda s: edit_config(s, backbone_model_id="black-forest-labs/FLUX.1-dev"), "backbone_model_id"),
+    "z-image backbone": (lambda s: edit_config(s, backbone_model_id="Tongyi-MAI/Z-Image-Turbo"), "backbone_model_id"),
+    "unknown head option": (lambda s: edit_config(s, reward_head={"width": -1, "gate_override": 1}), "gate_override"),
+    "logistic": (lambda s: edit_config(s, use_logistic=True), "use_logistic"),
+    "taps past the blocks": (lambda s: edit_config(s, visual_head_idx=[1, 9]), "visual_head_idx"),
+    "no LoRA": (lambda s: edit_config(s, use_lora=False), "use_lora"),
+    "missing config": (lambda s: (s / "config.json").unlink(), "config.json is missing"),
+    "missing head": (lambda s: (s / "checkpoint" / "rm_head.pt").unlink(), "rm_head.pt is missing"),
+    "missing LoRA": (lambda s: (s / "checkpoint" / "backbone_lora" / "adapter_model.safetensors").unlink(),
+                     "adapter_model.safetensors is missing"),
+    "DoRA": (lambda s: (s / "checkpoint" / "backbone_lora" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "use_dora": True})), "use_dora"),
+    "pickled object in the head": (lambda s: torch.save({"w": NotATensor()}, s / "checkpoint" / "rm_head.pt"),
+                                   "needs full unpickling"),
+    "head of another size": (lambda s: torch.save(collections.OrderedDict(
+        (k, torch.zeros(3)) for k in torch.load(s / "checkpoint" / "rm_head.pt", weights_only=True)),
+        s / "checkpoint" / "rm_head.pt"), "does not fit"),
+    "config not UTF-8": (lambda s: (s / "config.json").write_bytes('{"model": "\u4e2d"}'.encode("gbk")), "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SNAPSHOTS))
+def test_bad_snapshots_are_refused_and_nothing_is_written(snapshot, tmp_path, case, capsys):
+    break_it, message = BAD_SNAPSHOTS[case]
+    break_it(snapshot)
+    out = tmp_path / "out" / "dina.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier file")
+    with pytest.raises(SnapshotError, match=message):
+        import_dina(snapshot, out)
+    assert main(["import-dina", str(snapshot), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier file"
+    assert [p.name for p in out.parent.iterdir()] == ["dina.safetensors"]
+
+
+def test_not_a_folder_and_wrong_suffix(tmp_path, capsys):
+    assert main(["import-dina", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["import-dina", str(tmp_path), "--out", str(tmp_path / "x.ckpt")]) == 2
+    assert ".safetensors" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_same_snapshot_converts_to_the_same_file(snapshot, tmp_path):
+    # (not byte-equal: safetensors writes its metadata in hash-map order)
+    (a, meta_a), (b, meta_b) = (read_safetensors(import_dina(snapshot, tmp_path / n) and tmp_path / n) for n in "ab")
+    assert meta_a == meta_b and list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,237 @@
+"""`python -m trainer import-dina SNAPSHOT_DIR --out FILE`: a DiNa-LRM snapshot as one DRM file.
+
+DiNa-LRM ("Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling", HKUST-C4G/diffusion-rm;
+weights liuhuohuo/DiNa-LRM-SD35M-12layers) is a noisy-latent reward model on SD3.5-Medium's own MMDiT.
+A snapshot folder holds:
+
+    config.json                                  the training config; its `model` section describes the DRM
+    checkpoint/backbone_lora/adapter_config.json a peft LoRA on the first `num_transformer_layers` blocks
+    checkpoint/backbone_lora/adapter_model.safetensors
+    checkpoint/rm_head.pt                        the reward head's state dict (read with weights_only=True)
+
+The output is an `adapter`-format DRM (it runs on the generator's weights): the LoRA in ComfyUI's
+MMDiT names, with diffusers' separate q, k and v adapters stacked into one adapter on ComfyUI's fused
+qkv layer (block-diagonal up weights, so the sum is exact), the head under `reward_output.*`, and
+the head's configuration plus the authors' scoring protocol in the metadata. Needs no ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from drm.checkpoint import FORMAT_KEY, HEAD_PREFIX, DRMCheckpointError, atomic_save, read_safetensors
+from drm.head import DiNaHead
+from drm.lora import PREFIX as LORA_PREFIX
+
+from .config import read_utf8_text
+
+# What the authors recommend for noising a clean latent before scoring: 0.4 for latents a sampler made,
+# 0.1 for encoded photos (diffusion-rm README and infer/inference.py); their training pads T5 to 128.
+NOISE_SIGMA_GENERATED = 0.4
+NOISE_SIGMA_IMAGE = 0.1
+T5_LENGTH = 128
+HEAD_OPTIONS = {"width", "out_dim", "num_queries", "num_attn_heads", "dropout", "use_proj_in"}
+# diffusers attention layer -> (ComfyUI layer, slot in a fused qkv or None)
+LAYERS = {
+    ("attn", "to_q"): ("x_block.attn.qkv", 0), ("attn", "to_k"): ("x_block.attn.qkv", 1),
+    ("attn", "to_v"): ("x_block.attn.qkv", 2), ("attn", "to_out.0"): ("x_block.attn.proj", None),
+    ("attn", "add_q_proj"): ("context_block.attn.qkv", 0), ("attn", "add_k_proj"): ("context_block.attn.qkv", 1),
+    ("attn", "add_v_proj"): ("context_block.attn.qkv", 2), ("attn", "to_add_out"): ("context_block.attn.proj", None),
+    ("attn2", "to_q"): ("x_block.attn2.qkv", 0), ("attn2", "to_k"): ("x_block.attn2.qkv", 1),
+    ("attn2", "to_v"): ("x_block.attn2.qkv", 2), ("attn2", "to_out.0"): ("x_block.attn2.proj", None),
+}
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?transformer_blocks\.(\d+)\.(attn2?)\."
+                      r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)\.lora_([AB])\.weight$")
+
+
+class SnapshotError(ValueError):
+    """A snapshot this importer cannot convert; the message names the file or field."""
+
+
+def import_dina(snapshot: str | Path, out: str | Path) -> dict[str, str]:
+    """Convert a DiNa-LRM snapshot folder into the DRM file `out`; returns its metadata.
+
+    Raises SnapshotError naming the file or config field at fault; `out` is written (atomically) only
+    when everything converted.
+    """
+    root = Path(snapshot)
+    if not root.is_dir():
+        raise SnapshotError(f"{root} is not a folder. Pass the DiNa-LRM snapshot folder (the one holding config.json "
+                            "and checkpoint/), e.g. from `hf download liuhuohuo/DiNa-LRM-SD35M-12layers --local-dir DIR`.")
+    model = _model_config(root / "config.json")
+    blocks = model["num_transformer_layers"]
+    lora_dir = root / "checkpoint" / "backbone_lora"
+    scale = _lora_scale(lora_dir / "adapter_config.json")
+    tensors = _comfy_lora(lora_dir / "adapter_model.safetensors", scale, blocks)
+    token_dim = next(v for k, v in tensors.items() if k.endswith(".lora_down.weight")).shape[1]
+    head_config = _head_config(model, token_dim)
+    head = _head_state_dict(root / "checkpoint" / "rm_head.pt", head_config, token_dim)
+    tensors.update({HEAD_PREFIX + k: v.float().contiguous() for k, v in head.items()})
+    metadata = {
+        FORMAT_KEY: "adapter",
+        "drm.architecture": "sd3-mmdit",
+        "drm.blocks": str(blocks),
+        "drm.head": "dina",
+        "drm.head_config": json.dumps(head_config),
+        "drm.noise_sigma": str(NOISE_SIGMA_GENERATED),
+        "drm.noise_sigma_image": str(NOISE_SIGMA_IMAGE),
+        "drm.t5_length": str(T5_LENGTH),
+        "drm.source": f"DiNa-LRM snapshot {root.name} ({model['backbone_model_id']})",
+    }
+    atomic_save(tensors, out, metadata)
+    return metadata
+
+
+def _read_json(path: Path, what: str, where: str):
+    """A snapshot's JSON file; SnapshotError naming it when it is missing, not UTF-8 or not JSON."""
+    if not path.is_file():
+        raise SnapshotError(f"{path} is missing: {where}.")
+    try:
+        return json.loads(read_utf8_text(path, what, SnapshotError))
+    except json.JSONDecodeError as e:
+        raise SnapshotError(f"{path} is not JSON ({e}).") from None
+
+
+def _model_config(path: Path) -> dict:
+    """The `model` section of config.json, checked for what this importer supports."""
+    config = _read_json(path, "DiNa-LRM config", "a DiNa-LRM snapshot has config.json at its top level")
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise SnapshotError(f"{path} has no `model` section; it is not a DiNa-LRM training config.")
+
+    def need(field: str, ok, expected: str):
+        if field not in model or not ok(model[field]):
+            raise SnapshotError(f"{path}: model.{field} = {model.get(field)!r}; this importer supports {expected}.")
+        return model[field]
+
+    backbone = need("backbone_model_id", lambda v: isinstance(v, str), "a Hugging Face model id")
+    if not re.search(r"stable-diffusion-3(\.5)?-(medium|large)", backbone.lower()):
+        raise SnapshotError(f"{path}: model.backbone_model_id = {backbone!r}; only SD3 / SD3.5 backbones can run in "
+                            "this pack (Flux, Z-Image and Qwen-Image DiNa-LRM models cannot).")
+    need("num_transformer_layers", lambda v: isinstance(v, int) and v >= 1, "a block count >= 1")
+    need("use_lora", lambda v: v is True, "true (a LoRA checkpoint; a full fine-tune is not a DiNa-LRM release)")
+    if model.get("freeze_backbone", False):
+        raise SnapshotError(f"{path}: model.freeze_backbone = true (a head-only checkpoint); this importer supports "
+                            "the LoRA release layout.")
+    if model.get("use_logistic", False):
+        raise SnapshotError(f"{path}: model.use_logistic = true; its logistic parameters are not in rm_head.pt, so "
+                            "the snapshot cannot be scored as trained.")
+    blocks = model["num_transformer_layers"]
+    for field in ("visual_head_idx", "text_head_idx"):
+        taps = need(field, lambda v: isinstance(v, list) and all(isinstance(i, int) for i in v), "a list of block counts")
+        if (field == "visual_head_idx" and not taps) or taps != sorted(set(taps)) or any(not 0 <= i <= blocks for i in taps):
+            raise SnapshotError(f"{path}: model.{field} = {taps}; expected increasing block counts in 0..{blocks} "
+                                "(0 is the embedded input), at least one for the image stream.")
+    if not model.get("use_text_features", True) and model["text_head_idx"]:
+        raise SnapshotError(f"{path}: model.use_text_features = false with text_head_idx {model['text_head_idx']}; "
+                            "this importer supports text features on (the release) or an empty text_head_idx.")
+    head = need("reward_head", lambda v: isinstance(v, dict), "a reward_head section")
+    unknown = sorted(set(head) - HEAD_OPTIONS)
+    if unknown:
+        raise SnapshotError(f"{path}: model.reward_head has options this importer does not know: {unknown} "
+                            f"(known: {sorted(HEAD_OPTIONS)}).")
+    if head.get("out_dim", 1) != 1:
+        raise SnapshotError(f"{path}: model.reward_head.out_dim = {head['out_dim']}; a DRM gives one score (out_dim 1).")
+    return model
+
+
+def _lora_scale(path: Path) -> float:
+    """alpha / r of the snapshot's peft LoRA, after refusing the peft options that change its math."""
+    config = _read_json(path, "LoRA config", "the snapshot's LoRA config (checkpoint/backbone_lora/adapter_config.json)")
+    if not isinstance(config, dict):
+        raise SnapshotError(f"{path} is not a peft LoRA config (a JSON object).")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise SnapshotError(f"{path}: peft_type = {config['peft_type']!r}; expected LORA.")
+    for field, plain in (("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False), ("lora_bias", False),
+                         ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None),
+                         ("layer_replication", None)):
+        if config.get(field) not in (None, plain):
+            raise SnapshotError(f"{path}: {field} = {config[field]!r}; this importer supports only {plain!r}.")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise SnapshotError(f"{path}: r = {r!r}, lora_alpha = {alpha!r}; expected a positive integer and a number.")
+    return alpha / r
+
+
+def _comfy_lora(path: Path, scale: float, blocks: int) -> dict[str, torch.Tensor]:
+    """The peft LoRA tensors under ComfyUI's MMDiT names (fused qkv adapters stacked), float32."""
+    if not path.is_file():
+        raise SnapshotError(f"{path} is missing: the snapshot's LoRA weights (checkpoint/backbone_lora/).")
+    try:
+        peft, _ = read_safetensors(path, what="LoRA file", where="It belongs in the snapshot's checkpoint/backbone_lora/.")
+    except DRMCheckpointError as e:
+        raise SnapshotError(str(e)) from None
+    parts: dict[str, dict[int | None, dict[str, torch.Tensor]]] = {}
+    for key, tensor in peft.items():
+        match = LORA_KEY.match(key)
+        if match is None:
+            raise SnapshotError(f"{path}: tensor {key!r} is not a LoRA on an SD3 attention layer this importer knows.")
+        block, attn, layer, ab = int(match[1]), match[2], match[3], match[4]
+        if block >= blocks:
+            raise SnapshotError(f"{path}: tensor {key!r} is in block {block}, but config.json keeps {blocks} blocks.")
+        target, slot = LAYERS[(attn, layer)]
+        parts.setdefault(f"joint_blocks.{block}.{target}", {}).setdefault(slot, {})[ab] = tensor.float()
+    out = {}
+    for target, slots in parts.items():
+        for slot, pair in slots.items():
+            if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
+                raise SnapshotError(f"{path}: the LoRA on {target} (slot {slot}) lacks lora_A or lora_B, or their ranks differ.")
+        if None in slots:  # a plain layer
+            down, up = slots[None]["A"], slots[None]["B"]
+        else:  # q, k, v adapters side by side: down stacks them, up is block-diagonal over the fused output
+            width = next(iter(slots.values()))["B"].shape[0]
+            down = torch.cat([slots[s]["A"] for s in sorted(slots)])
+            up = torch.zeros(3 * width, down.shape[0])
+            column = 0
+            for s in sorted(slots):
+                b = slots[s]["B"]
+                up[s * width:(s + 1) * width, column:column + b.shape[1]] = b
+                column += b.shape[1]
+        out[f"{LORA_PREFIX}{target}.lora_down.weight"] = down.contiguous()
+        out[f"{LORA_PREFIX}{target}.lora_up.weight"] = up.contiguous()
+        out[f"{LORA_PREFIX}{target}.alpha"] = torch.tensor(scale * down.shape[0])
+    if not out:
+        raise SnapshotError(f"{path} holds no tensors.")
+    return out
+
+
+def _head_config(model: dict, token_dim: int) -> dict:
+    """DiNaHead's arguments for this snapshot (json-able)."""
+    head = model["reward_head"]
+    width = head.get("width", -1)
+    return {"image_taps": model["visual_head_idx"], "text_taps": model["text_head_idx"],
+            "width": token_dim if width in (-1, None) else width, "num_queries": head.get("num_queries", 4),
+            "num_attn_heads": head.get("num_attn_heads", 8), "use_proj_in": bool(head.get("use_proj_in", False))}
+
+
+def _head_state_dict(path: Path, head_config: dict, token_dim: int) -> dict[str, torch.Tensor]:
+    """rm_head.pt's tensors, read without running pickled code and checked against the head's shapes."""
+    if not path.is_file():
+        raise SnapshotError(f"{path} is missing: the snapshot's reward head (checkpoint/rm_head.pt).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SnapshotError(f"{path} needs full unpickling, which can run code; only a plain state dict of tensors is "
+                            f"read (torch.load weights_only=True refused it: {str(e).splitlines()[0]}).") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise SnapshotError(f"{path} is not a readable torch file ({str(e).splitlines()[0]}); download it again.") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SnapshotError(f"{path} is not a state dict of tensors.")
+    try:
+        template = DiNaHead(token_dim=token_dim, cond_dim=token_dim, **head_config, device="meta")
+    except ValueError as e:
+        raise SnapshotError(f"config.json's reward head: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in template.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise SnapshotError(f"{path} does not fit the head config.json describes: missing {missing[:4]}, "
+                            f"unexpected {unexpected[:4]}.")
+    wrong = [f"{k} is {list(v.shape)}, expected {list(expected[k])}" for k, v in state.items() if tuple(v.shape) != expected[k]]
+    if wrong:
+        raise SnapshotError(f"{path} does not fit the head config.json describes: {'; '.join(wrong[:3])}.")
+    return state
