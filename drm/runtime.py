@@ -20,7 +20,8 @@ import comfy.samplers
 import torch
 
 from .checkpoint import DRMCheckpoint, DRMCheckpointError, full_state_dict, load_checkpoint
-from .model import DRM, build_adapter_drm, build_drm
+from .model import DRM, build_adapter_drm, build_drm, head_config_of
+from .sde import renoise
 
 SD3_SHIFT = 3.0
 CLIP_TOKENS = 77  # SD3's context starts with CLIP-L/G's 77 tokens; T5's follow
@@ -42,7 +43,7 @@ class LoadedDRM:
         self.model = drm.eval()
         self.name = name
         self.metadata = dict(metadata or {})
-        self.dtype = dtype or next(drm.final_layer.parameters()).dtype
+        self.dtype = dtype or drm.backbone.x_embedder.proj.weight.dtype
         self.base_model = base_model
         load_device = load_device or comfy.model_management.get_torch_device()
         offload_device = offload_device or comfy.model_management.unet_offload_device()
@@ -96,6 +97,9 @@ class LoadedDRM:
         on another minimum sees other padding tokens and scores otherwise. Longer prompts only add tokens.
         """
         trained = self.metadata.get("drm.t5_length")
+        if trained and not trained.isdigit():
+            raise ValueError(f"DRM {self.name}: its metadata drm.t5_length is {trained!r}, not a token count; the "
+                             "file was edited or written by another tool. Export or import it again.")
         if trained and context.shape[-2] < CLIP_TOKENS + int(trained):
             raise ValueError(f"{what} has {context.shape[-2]} tokens, but DRM {self.name} was trained on prompts whose "
                              f"T5 part was padded to {trained} tokens ({CLIP_TOKENS + int(trained)} with CLIP's "
@@ -119,23 +123,43 @@ class LoadedDRM:
 
         `sampling_model`: the ModelPatcher being sampled, when called from inside a sampler. An adapter
         DRM must not reload its shared weights under a running sampler, so if that model changes them
-        (a LoRA, say) this raises SharedWeightsPatched instead of scoring with them.
+        (a LoRA, say) this raises SharedWeightsPatched instead of scoring with them. A batch that does
+        not fit in memory (K candidates at 1024^2, say) is scored in halves, down to one latent.
         """
         self._ensure_loaded(sampling_model)
-        device = self.patcher.load_device
         self.scored_rows += x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32).flatten().expand(x.shape[0])
-        timesteps = self.model_sampling.timestep(sigma)
-        with torch.no_grad():  # timesteps stay float32, as ComfyUI gives the generator: bf16 would round 923.08 to 924
-            scores = self.model(x.to(device, self.dtype), timesteps.to(device, torch.float32),
-                                context.to(device, self.dtype), pooled.to(device, self.dtype))
+        scores = self._forward_in_chunks(x, self.model_sampling.timestep(sigma), context, pooled)
         bad = (~torch.isfinite(scores)).sum().item()
         if bad:
-            raise NonFiniteScores(
-                f"DRM {self.name} returned NaN or infinite scores for {bad} of {len(scores)} latents, with its "
-                f"weights in {str(self.dtype).replace('torch.', '')}: the values overflowed. Load it in bf16 or fp32 "
-                "(DRM Loader's weight_dtype); if the latents are huge, check the sampler upstream.")
+            inputs = [name for name, t in (("latent", x), ("context", context), ("pooled", pooled))
+                      if not torch.isfinite(t).all()]
+            if inputs:
+                cause = (f"its {' and '.join(inputs)} input already held NaN or infinite values: the sampler upstream "
+                         "diverged (check cfg, eta, LoRA strengths) or the conditioning is broken.")
+            elif self.dtype == torch.float16:
+                cause = "its float16 weights overflowed. Load it in bf16 or fp32 (DRM Loader's weight_dtype)."
+            else:
+                cause = (f"the values overflowed inside the DRM although its weights are "
+                         f"{str(self.dtype).replace('torch.', '')}: the latents are far outside a sampler's range; "
+                         "check the sampler upstream.")
+            raise NonFiniteScores(f"DRM {self.name} returned NaN or infinite scores for {bad} of {len(scores)} latents: "
+                                  f"{cause}")
         return scores.float().to(x.device)
+
+    def _forward_in_chunks(self, x, timesteps, context, pooled) -> torch.Tensor:
+        device = self.patcher.load_device
+        try:
+            with torch.no_grad():  # timesteps stay float32, as ComfyUI gives the generator: bf16 would round 923.08 to 924
+                return self.model(x.to(device, self.dtype), timesteps.to(device, torch.float32),
+                                  context.to(device, self.dtype), pooled.to(device, self.dtype))
+        except comfy.model_management.OOM_EXCEPTION:
+            if x.shape[0] == 1:
+                raise
+        comfy.model_management.soft_empty_cache()  # outside the except block: its traceback holds the activations
+        half = x.shape[0] // 2
+        return torch.cat([self._forward_in_chunks(x[:half], timesteps[:half], context[:half], pooled[:half]),
+                          self._forward_in_chunks(x[half:], timesteps[half:], context[half:], pooled[half:])])
 
     def _ensure_loaded(self, sampling_model=None) -> None:
         """Load the DRM, and an adapter's base weights unpatched, unless they already are.
@@ -152,7 +176,8 @@ class LoadedDRM:
                         f"DRM {self.name} is an adapter: it runs on the MODEL's own weights, and the MODEL being "
                         f"sampled changes them ({'; '.join(changes)}). It would score with weights it was not "
                         "trained on. Set DRM Loader's backbone to 'copy' (the DRM keeps its own copy of the "
-                        f"{self.model.blocks} blocks it runs), or sample with the MODEL from before the LoRA.")
+                        f"{self.model.blocks} block{'s' if self.model.blocks != 1 else ''} it runs), or sample with "
+                        "the MODEL from before the LoRA.")
                 # Outside a sampler the patches may go: ComfyUI writes the unpatched weights back when
                 # it loads the base (clones share their backups).
                 comfy.model_management.load_models_gpu(wanted + [self.base_model])
@@ -192,23 +217,42 @@ class LoadedDRM:
         return changes
 
     def score_latents(self, samples: torch.Tensor, sigma: float, conditioning, chunk: int = 8,
-                      progress=None) -> torch.Tensor:
+                      progress=None, noise_sigma: float = 0.0, noise_draws: int = 1, seed: int = 0) -> torch.Tensor:
         """Scores [B] of graph LATENT samples sitting at noise level `sigma` (0: clean).
 
-        Scores `chunk` latents per DRM call; `progress(done, total)` runs after each chunk (the node
-        uses it for its progress bar and to honour cancel).
+        With `noise_sigma` above `sigma`, each latent is first noised forward to that level (drm.sde.renoise;
+        DiNa-LRM scores clean latents so) with noise drawn from CPU generators seeded `seed`, `seed + 1`, ...,
+        one per draw, and the scores of `noise_draws` draws are averaged. A latent already at or above
+        `noise_sigma` is scored as it is. Scores `chunk` latents per DRM call; `progress(done, total)` runs
+        after each call (the node uses it for its progress bar and to honour cancel).
         """
         self.check_sigma(sigma)
+        self.check_sigma(noise_sigma, "noise_sigma")
+        if noise_draws < 1:
+            raise ValueError(f"noise_draws={noise_draws}: expected at least 1.")
         self.check_latent(samples)
         x = self.model_space(samples, sigma)
         context, pooled = self.conditioning_tensors(conditioning, x.shape[0])
-        scores = []
-        for start in range(0, x.shape[0], chunk):
-            end = start + chunk
-            scores.append(self.score(x[start:end], sigma, context[start:end], pooled[start:end]))
-            if progress is not None:
-                progress(min(end, x.shape[0]), x.shape[0])
-        return torch.cat(scores)
+        draws = noise_draws if noise_sigma > sigma else 1
+        total = draws * x.shape[0]
+        scores = torch.zeros(x.shape[0])
+        for draw in range(draws):
+            level, noisy = sigma, x
+            if noise_sigma > sigma:
+                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + draw))
+                level, noisy = noise_sigma, renoise(x, sigma, noise_sigma, noise)
+            for start in range(0, x.shape[0], chunk):
+                end = start + chunk
+                scores[start:end] += self.score(noisy[start:end], level, context[start:end], pooled[start:end]).cpu()
+                if progress is not None:
+                    progress(draw * x.shape[0] + min(end, x.shape[0]), total)
+        return (scores / draws).to(samples.device)
+
+    def recommended_noise_sigma(self, for_images: bool = False) -> float:
+        """The level the DRM's file recommends for noising clean latents before scoring (drm.noise_sigma,
+        or drm.noise_sigma_image for encoded images); 0 when it names none (the paper's DRM)."""
+        key = "drm.noise_sigma_image" if for_images and "drm.noise_sigma_image" in self.metadata else "drm.noise_sigma"
+        return float(self.metadata.get(key, 0.0))
 
     def schedule_sigma(self, steps: int, scheduler: str, step: int, model_sampling=None,
                        sampler_name: str = "euler") -> float:
@@ -286,8 +330,8 @@ def load_drm(path: str | os.PathLike, weight_dtype: torch.dtype | None = None, b
         load_device, model_params=params, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
     operations = comfy.ops.pick_operations(dtype, dtype, load_device=load_device)
     try:
-        drm = build_drm(ckpt.state_dict, ckpt.blocks, dtype=dtype,
-                        device=comfy.model_management.unet_offload_device(), operations=operations)
+        drm = build_drm(ckpt.state_dict, ckpt.blocks, dtype=dtype, device=comfy.model_management.unet_offload_device(),
+                        operations=operations, head_config=head_config_of(ckpt.metadata))
     except ValueError as e:
         raise DRMCheckpointError(f"DRM file {name}: {e}") from None
     return LoadedDRM(drm, name=name, metadata=ckpt.metadata, load_device=load_device)
@@ -311,7 +355,8 @@ def _load_adapter(ckpt, name: str, weight_dtype: torch.dtype | None, base_model)
     try:
         drm = build_adapter_drm(ckpt.state_dict, ckpt.blocks, backbone, dtype=dtype,
                                 device=comfy.model_management.unet_offload_device(),
-                                operations=comfy.ops.pick_operations(dtype, compute_dtype))
+                                operations=comfy.ops.pick_operations(dtype, compute_dtype),
+                                head_config=head_config_of(ckpt.metadata))
     except ValueError as e:
         raise DRMCheckpointError(f"DRM file {name}: {e}") from None
     return LoadedDRM(drm, name=name, metadata=ckpt.metadata, load_device=base_model.load_device,

@@ -4,12 +4,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..drm.host import register_model_folders
 from .loader import DRMLoadConditioning, DRMLoader
-from .score import DRMScoreLatent
+from .score import DRMScoreImage, DRMScoreLatent
 from .stepwise import DRMStepwiseKSampler, SamplerDRMStepwise
 
 register_model_folders()
 
-NODES = [DRMLoader, DRMLoadConditioning, DRMScoreLatent, DRMStepwiseKSampler, SamplerDRMStepwise]
+NODES = [DRMLoader, DRMLoadConditioning, DRMScoreLatent, DRMScoreImage, DRMStepwiseKSampler, SamplerDRMStepwise]
 
 
 class DRMExtension(ComfyExtension):

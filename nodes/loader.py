@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..drm.conditioning import load_conditioning
 from ..drm.runtime import WEIGHT_DTYPES, load_drm
-from .types import DRMModel
+from .types import DRMModel, check_combos
 
 
 def listed_in(folder: str, name: str, what: str) -> bool | str:
@@ -46,8 +46,9 @@ class DRMLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, drm_name) -> bool | str:
-        return listed_in("drm", drm_name, "DRM file")
+    def validate_inputs(cls, drm_name, weight_dtype=None, backbone=None) -> bool | str:
+        listed = listed_in("drm", drm_name, "DRM file")
+        return check_combos(cls, weight_dtype=weight_dtype, backbone=backbone) if listed is True else listed
 
     @classmethod
     def execute(cls, drm_name, weight_dtype, model=None, backbone="shared") -> io.NodeOutput:

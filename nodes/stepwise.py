@@ -1,5 +1,8 @@
 """DRM Step-wise KSampler (a KSampler replacement) and SamplerDRMStepwise (a SAMPLER)."""
 
+import logging
+import math
+
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -9,7 +12,7 @@ from comfy_api.latest import io
 from ..drm.plots import reward_trace_image
 from ..drm.search import MODES
 from ..drm.stepwise import RewardTrace, schedule_sigmas, stepwise_ksampler
-from .types import DRMModel
+from .types import DRMModel, check_combos
 
 
 def search_inputs() -> list:
@@ -35,8 +38,19 @@ def search_inputs() -> list:
 
 
 def search_options(branches, eta, mode, beam_width, temperature, window_start, window_end) -> dict:
+    require_finite(eta=eta, temperature=temperature)
+    if eta == 0 and branches > 1:
+        logging.warning("DRM step-wise search: eta is 0, so all %d candidates of a step are the same latent; the "
+                        "extra DRM calls change nothing. Raise eta (0.7 is Flow-GRPO's) or set branches to 1.", branches)
     return dict(branches=branches, eta=eta, mode=mode, beam_width=beam_width, temperature=temperature,
                 window=(window_start, None if window_end < 0 else window_end))
+
+
+def require_finite(**values: float) -> None:
+    """A posted workflow can carry NaN, which passes ComfyUI's min/max checks; refuse it by name."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name} is {value}; expected a finite number (see the node's widget for its range).")
 
 
 class DRMStepwiseKSampler(io.ComfyNode):
@@ -75,8 +89,13 @@ class DRMStepwiseKSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, scheduler=None, mode=None) -> bool | str:
+        return check_combos(cls, scheduler=scheduler, mode=mode)
+
+    @classmethod
     def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise, drm,
                 branches, eta, mode, beam_width, temperature, window_start, window_end) -> io.NodeOutput:
+        require_finite(cfg=cfg, denoise=denoise)
         if "noise_mask" in latent_image:
             raise ValueError("latent_image has a noise mask (inpainting); step-wise sampling does not support masks. "
                              "Remove SetLatentNoiseMask or use KSampler.")
@@ -107,6 +126,10 @@ class SamplerDRMStepwise(io.ComfyNode):
             inputs=search_inputs(),
             outputs=[io.Sampler.Output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, mode=None) -> bool | str:
+        return check_combos(cls, mode=mode)
 
     @classmethod
     def execute(cls, drm, branches, eta, mode, beam_width, temperature, window_start, window_end) -> io.NodeOutput:

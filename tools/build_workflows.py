@@ -42,7 +42,8 @@ SEARCH = {"drm": ["5", 0], "branches": 4, "eta": 0.7, "mode": "greedy", "beam_wi
 
 def score(latent: list, **where) -> dict:
     inputs = {"drm": ["5", 0], "latent": latent, "positive": ["2", 0], "position": "sigma", "sigma": 0.0,
-              "steps": 20, "scheduler": "simple", "step": 20, "sampler_name": "euler"}
+              "steps": 20, "scheduler": "simple", "step": 20, "sampler_name": "euler", "noise_sigma": -1.0,
+              "noise_draws": 1, "seed": 0, "top_k": 0, "threshold": -10000.0}
     inputs.update(where)
     return {"class_type": "DRMScoreLatent", "inputs": inputs}
 
@@ -132,7 +133,73 @@ WORKFLOWS = {
            "14": node("VAEDecode", {"samples": ["11", 0], "vae": ["4", 0]}, "VAE Decode", [1260, 420]),
            "15": node("SaveImage", {"images": ["14", 0], "filename_prefix": "drm/custom_sampler"}, "Save",
                       [1680, 420])}),
+    # Real weights: SD3.5-Medium and an imported DiNa-LRM (README, "Real reward weights today")
+    "drm_dina_best_of_batch": {
+        "1": node("CheckpointLoaderSimple", {"ckpt_name": "sd3.5_medium.safetensors"}, "Load Checkpoint (SD3.5 Medium)",
+                  [0, 0]),
+        "2": node("TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                       "clip_name3": "t5xxl_fp16.safetensors"}, "SD3 text encoders", [0, 200]),
+        "3": node("T5TokenizerOptions", {"clip": ["2", 0], "min_padding": 0, "min_length": 128},
+                  "T5 padded to 128 tokens (as DiNa-LRM trained)", [0, 420]),
+        "4": node("CLIPTextEncode", {"text": "a photo of a red fox sitting in fresh snow, golden hour", "clip": ["3", 0]},
+                  "Positive prompt", [420, 0]),
+        "5": node("CLIPTextEncode", {"text": "", "clip": ["3", 0]}, "Negative prompt", [420, 260]),
+        "6": node("DRMLoader", {"drm_name": "dina-lrm-sd35m-12layers.safetensors", "weight_dtype": "default",
+                                "model": ["1", 0], "backbone": "shared"}, "DRM Loader (DiNa-LRM)", [420, 520]),
+        "7": node("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 4}, "Empty latent (batch of 4)",
+                  [0, 640]),
+        "8": node("KSampler", {"model": ["1", 0], "seed": 42, "steps": 28, "cfg": 4.5, "sampler_name": "euler",
+                               "scheduler": "sgm_uniform", "positive": ["4", 0], "negative": ["5", 0],
+                               "latent_image": ["7", 0], "denoise": 1.0}, "KSampler", [840, 0]),
+        "9": dict(score(["8", 0], drm=["6", 0], positive=["4", 0], top_k=1),
+                  _meta={"title": "DRM Score Latent (keeps the best)"}, pos=[1260, 0]),
+        "10": node("VAEDecode", {"samples": ["9", 2], "vae": ["1", 2]}, "VAE Decode (the best)", [1680, 0]),
+        "11": node("SaveImage", {"images": ["10", 0], "filename_prefix": "drm/dina_best"}, "Save", [2100, 0]),
+        "12": node("PreviewAny", {"source": ["9", 1]}, "Scores", [1680, 300]),
+    },
 }
+
+
+def names_real_weights(api: dict) -> bool:
+    """Whether an API workflow loads real SD3.5 weights (a checkpoint), which are not installed here."""
+    return any(n["class_type"] == "CheckpointLoaderSimple" for n in api.values())
+
+
+def with_tiny_stand_ins(api: dict) -> dict:
+    """An API workflow with the real files it names (SD3.5-M, its text encoders, a DiNa-LRM DRM) replaced by
+    the tiny ones `trainer demo --install` provides, at a size the tiny model takes; the rest is unchanged.
+    The server tests and the thumbnails run workflows this way: no real weights can be downloaded here."""
+    if not names_real_weights(api):  # the workflows made for the tiny model already name its files
+        return api
+    checkpoints = {k for k, n in api.items() if n["class_type"] == "CheckpointLoaderSimple"}
+    api = json.loads(json.dumps(api))
+    stand_ins = {
+        "CheckpointLoaderSimple": ("UNETLoader", {"unet_name": "tiny-sd35.safetensors", "weight_dtype": "default"}),
+        "DRMLoader": (None, {"drm_name": "tiny-dina.safetensors"}),
+        "EmptySD3LatentImage": (None, {"width": 256, "height": 256}),
+        "KSampler": (None, {"steps": 8}),
+    }
+    for node_id, n in list(api.items()):
+        kind = n["class_type"]
+        if kind in ("TripleCLIPLoader", "T5TokenizerOptions"):
+            del api[node_id]
+        elif kind == "CLIPTextEncode":  # a prompt encoded with T5 padded to 128 tokens, or the negative
+            name = "tiny-prompt-t5-128.safetensors" if n["inputs"]["text"] else "tiny-negative.safetensors"
+            api[node_id] = {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": name}, "_meta": n["_meta"]}
+        elif kind in stand_ins:
+            new_kind, inputs = stand_ins[kind]
+            if new_kind:
+                n["class_type"], n["inputs"] = new_kind, dict(inputs)
+            else:
+                n["inputs"].update(inputs)
+    vae_links = [v for n in api.values() for v in n["inputs"].values()
+                 if isinstance(v, list) and v[0] in checkpoints and v[1] == 2]
+    if vae_links:  # the checkpoint's VAE output becomes a VAELoader
+        vae_id = str(max(int(k) for k in api) + 1)
+        api[vae_id] = {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-vae.safetensors"}, "_meta": {"title": "VAE"}}
+        for link in vae_links:
+            link[:] = [vae_id, 0]
+    return api
 
 
 def api_format(graph: dict) -> dict:
@@ -228,7 +295,7 @@ def main() -> None:
         api = api_format(graph)
         (REPO / "workflows" / "api" / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n")
         (REPO / "workflows" / f"{name}.json").write_text(json.dumps(ui_format(graph, object_info), indent=2) + "\n")
-        outputs = run(args.server, api)
+        outputs = run(args.server, with_tiny_stand_ins(api))
         # <workflow>-<SaveImage prefix's last part>-<index in its batch>.png, so a name says what it shows
         saved = [(api[node]["inputs"]["filename_prefix"].split("/")[-1], j, img)
                  for node, out in sorted(outputs.items()) for j, img in enumerate(out.get("images", []))]

@@ -30,6 +30,8 @@ INSTALL = {
     "drm_conditioning/tiny-prompt-0.safetensors": "data/tiny-prompt-0.safetensors",
     "drm_conditioning/tiny-prompt-1.safetensors": "data/tiny-prompt-1.safetensors",
     "drm_conditioning/tiny-negative.safetensors": "data/tiny-negative.safetensors",
+    "drm/tiny-dina.safetensors": "dina/tiny-dina.safetensors",
+    "drm_conditioning/tiny-prompt-t5-128.safetensors": "data/tiny-prompt-t5-128.safetensors",
 }
 
 
@@ -48,8 +50,9 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
 
     from .drm_train import DRMTrainConfig, train_drm
     from .grpo_train import GRPOConfig, train_grpo
+    from .import_dina import import_dina
     from .prompts import PromptBank
-    from .synthetic import synthetic_latent_pairs, tiny_vae_state_dict
+    from .synthetic import synthetic_latent_pairs, tiny_dina_snapshot, tiny_vae_state_dict
 
     start = time.perf_counter()
     root = prepare_out(Path(out))
@@ -57,7 +60,8 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
     print("It runs every stage of the pipeline on a CPU; its images are noise and its rewards are synthetic.\n")
 
     base = root / "models" / "tiny-sd35.safetensors"
-    atomic_save(tiny_generator_state_dict(seed=seed), base, {})
+    generator_sd = tiny_generator_state_dict(seed=seed)
+    atomic_save(generator_sd, base, {})
     atomic_save(tiny_vae_state_dict(seed), root / "models" / "tiny-vae.safetensors", {})
     synthetic_latent_pairs(256, size=8, seed=seed).save(root / "data" / "pairs.safetensors")
     conds = [tiny_conditioning(seed=seed + i) for i in range(4)]
@@ -70,6 +74,12 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
                           conds[i][0][1]["pooled_output"], prompt=prompts.texts[i])
     save_conditioning(root / "data" / "tiny-negative.safetensors", prompts.negative_context,
                       prompts.negative_pooled, prompt="")
+    # For the DiNa-LRM template: a stand-in in the public model's layout (random weights) through the real
+    # importer, and a prompt shaped as that model needs it (T5 padded to 128 tokens)
+    import_dina(tiny_dina_snapshot(root / "data" / "dina-snapshot", generator_sd), root / "dina" / "tiny-dina.safetensors")
+    long_prompt = tiny_conditioning(seed=seed, tokens=77 + 128)
+    save_conditioning(root / "data" / "tiny-prompt-t5-128.safetensors", long_prompt[0][0],
+                      long_prompt[0][1]["pooled_output"], prompt=prompts.texts[0])
 
     print(f"[1/3] Training a DRM on 256 synthetic preference pairs ({drm_steps} steps, adapter mode)")
     drm_cfg = DRMTrainConfig(base=str(base), data=str(root / "data" / "pairs.safetensors"), out=str(root / "drm"),
@@ -144,6 +154,9 @@ def stage(name: str, train, cfg):
 
 def prepare_out(root: Path) -> Path:
     """A clean demo folder; a folder that is not an earlier demo's is left alone."""
+    blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"out: {root} cannot be a folder: {blocking} is a file; choose another --out")
     if root.exists() and any(root.iterdir()):
         if not (root / MARKER).exists():
             raise ValueError(f"out: {root} exists and is not a demo folder; choose another --out")

@@ -30,7 +30,7 @@ def prompts():
 def score(nodes_mod, drm, latent, positive, **where):
     args = dict(position="sigma", sigma=0.0, steps=20, scheduler="simple", step=20)
     args.update(where)
-    return nodes_mod.score.DRMScoreLatent.execute(drm, latent, positive, **args).args
+    return nodes_mod.score.DRMScoreLatent.execute(drm, latent, positive, **args).args[:3]
 
 
 def test_loader_lists_the_drm_folder_and_loads(nodes_mod, drm):
@@ -170,8 +170,8 @@ def test_a_score_that_overflows_is_refused_naming_the_dtype(nodes_mod, prompts, 
         scores, _, _ = score(nodes_mod, drm, latent, prompts[0])
         assert all(torch.isfinite(torch.tensor(scores)))
         return
-    with pytest.raises(ValueError, match=r"NaN or infinite scores for 2 of 2 latents, with its weights in "
-                                         r"float16.*bf16 or fp32"):
+    with pytest.raises(ValueError, match=r"NaN or infinite scores for 2 of 2 latents: its "
+                                         r"float16 weights overflowed.*bf16 or fp32"):
         score(nodes_mod, drm, latent, prompts[0])
 
 
@@ -195,3 +195,104 @@ def test_a_prompt_encoded_shorter_than_the_drm_was_trained_on_is_refused(nodes_m
         assert value == value  # scored
     finally:
         path.unlink()
+
+
+def test_top_k_and_threshold_select_and_the_rest_is_rejected(nodes_mod, drm, prompts):
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    latent = {"samples": torch.randn(5, 16, 32, 32, generator=torch.Generator().manual_seed(8))}
+    args = dict(position="sigma", sigma=0.0, steps=20, scheduler="simple", step=20)
+    execute = nodes_mod.score.DRMScoreLatent.execute
+    scores, _, kept, rejected = execute(drm, latent, prompts[0], **args, top_k=2).args
+    order = torch.tensor(scores).argsort(descending=True)
+    assert torch.equal(kept["samples"], latent["samples"][order[:2]])
+    assert torch.equal(rejected["samples"], latent["samples"][order[2:]])
+    middle = sorted(scores)[2]
+    _, summary, kept, rejected = execute(drm, latent, prompts[0], **args, threshold=middle).args
+    assert kept["samples"].shape[0] == 3 and rejected["samples"].shape[0] == 2
+    assert summary.count("(rejected)") == 2
+    _, _, kept, rejected = execute(drm, latent, prompts[0], **args).args  # defaults keep every item
+    assert torch.equal(kept["samples"], latent["samples"][order]) and isinstance(rejected, ExecutionBlocker)
+    with pytest.raises(ValueError, match="no item reached threshold"):
+        execute(drm, latent, prompts[0], **args, threshold=max(scores) + 1)
+
+
+def test_score_image_encodes_and_scores_as_score_latent_does(nodes_mod, drm, prompts):
+    from trainer.synthetic import tiny_vae
+
+    vae = tiny_vae()
+    images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    scores, summary, best_first, rejected = nodes_mod.score.DRMScoreImage.execute(
+        drm, images, vae, prompts[0], noise_sigma=0.2, seed=5, top_k=1).args
+    latent = {"samples": vae.encode(images)}
+    expected = nodes_mod.score.DRMScoreLatent.execute(drm, latent, prompts[0], "sigma", 0.0, 20, "simple", 20,
+                                                      noise_sigma=0.2, seed=5).args[0]
+    assert scores == pytest.approx(expected, abs=1e-6)
+    order = torch.tensor(scores).argsort(descending=True)
+    assert torch.equal(best_first, images[order[:1]]) and torch.equal(rejected, images[order[1:]])
+    assert "noised to sigma 0.2000" in summary
+
+
+@pytest.mark.parametrize(("node", "values", "name"), [
+    ("loader.DRMLoader", dict(drm_name=DRM_FILE, weight_dtype="int8"), "weight_dtype"),
+    ("loader.DRMLoader", dict(drm_name=DRM_FILE, weight_dtype="fp32", backbone="bogus"), "backbone"),
+    ("score.DRMScoreLatent", dict(position="bogus"), "position"),
+    ("score.DRMScoreLatent", dict(sampler_name="bogus"), "sampler_name"),
+    ("stepwise.DRMStepwiseKSampler", dict(scheduler="bogus"), "scheduler"),
+    ("stepwise.SamplerDRMStepwise", dict(mode="bogus"), "mode"),
+])
+def test_combo_values_are_checked_before_running(nodes_mod, node, values, name):
+    """ComfyUI 0.3.64 leaves V3 combo values unchecked; the nodes check them by name."""
+    module, cls = node.split(".")
+    check = getattr(getattr(nodes_mod, module), cls).validate_inputs
+    assert check(**values).startswith(f"{name}: 'bogus'" if name != "weight_dtype" else "weight_dtype: 'int8'")
+    good = {k: v for k, v in values.items() if k in ("drm_name",)}
+    assert check(**good) is True
+
+
+def test_a_malformed_adapter_drm_is_refused_naming_the_layer(nodes_mod, models_dir):
+    """(Matched as a ValueError: the node raises the ComfyUI-loaded package's DRMCheckpointError.)"""
+    import comfy.sd
+
+    from drm.checkpoint import atomic_save
+    from drm.tiny import tiny_adapter_drm_state_dict, tiny_generator_state_dict
+
+    generator = tiny_generator_state_dict()
+    no_up = {k: v for k, v in tiny_adapter_drm_state_dict(generator).items() if not k.endswith("qkv.lora_up.weight")}
+    atomic_save(no_up, models_dir / "drm" / "broken-adapter.safetensors", {"drm.format": "adapter", "drm.blocks": "1"})
+    base = comfy.sd.load_diffusion_model_state_dict(dict(generator))
+    with pytest.raises(ValueError, match=r"broken-adapter.safetensors: the LoRA for joint_blocks\.0\.\w+_block\.attn\.qkv "
+                                         r"has lora_down but no lora_up"):
+        nodes_mod.loader.DRMLoader.execute("broken-adapter.safetensors", "fp32", model=base)
+
+
+def test_bad_cached_conditioning_is_refused_naming_the_file(nodes_mod, models_dir):
+    from drm.conditioning import save_conditioning
+
+    save_conditioning(models_dir / "drm_conditioning" / "nan.safetensors", torch.full((1, 4, 4096), float("nan")),
+                      torch.zeros(1, 2048))
+    save_conditioning(models_dir / "drm_conditioning" / "narrow.safetensors", torch.zeros(1, 4, 768),
+                      torch.zeros(1, 2048))
+    for name, problem in (("nan", "NaN or infinite"), ("narrow", "768 wide")):
+        with pytest.raises(ValueError, match=f"conditioning file {name}.safetensors: .*{problem}"):
+            nodes_mod.loader.DRMLoadConditioning.execute(f"{name}.safetensors")
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_scored_in_halves(nodes_mod, drm, prompts, monkeypatch):
+    """K candidates at 1024^2 may not fit on a GPU: an out-of-memory error splits the batch, same scores."""
+    import comfy.model_management
+
+    latent = {"samples": torch.randn(5, 16, 32, 32, generator=torch.Generator().manual_seed(12))}
+    expected, _, _ = score(nodes_mod, drm, latent, prompts[0])
+    forward, sizes = drm.model.forward, []
+
+    def small_memory(x, *args):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise comfy.model_management.OOM_EXCEPTION("CUDA out of memory (simulated)")
+        return forward(x, *args)
+
+    monkeypatch.setattr(drm.model, "forward", small_memory)
+    scores, _, _ = score(nodes_mod, drm, latent, prompts[0])
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert sizes == [5, 2, 3, 1, 2]

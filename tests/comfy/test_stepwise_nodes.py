@@ -89,7 +89,7 @@ def test_trace_score_equals_score_latent_on_that_step(nodes_mod, drm, setup):
     for n, step in enumerate(trace.steps):
         sigma = float(sigmas[step + 1])
         graph_latent = latent_format.process_out(kept[step + 1] / (1 - sigma))  # as KSamplerAdvanced leaves it
-        (score,), _, _ = nodes_mod.score.DRMScoreLatent.execute(drm, {"samples": graph_latent}, setup["positive"],
+        (score,), _, _, _ = nodes_mod.score.DRMScoreLatent.execute(drm, {"samples": graph_latent}, setup["positive"],
                                                                  "sigma", sigma, 20, "simple", 20).args
         assert score == pytest.approx(trace.chosen[n], abs=1e-5)
 
@@ -146,8 +146,8 @@ def test_a_batch_item_is_the_same_alone_under_sampler_custom_advanced(nodes_mod,
 @pytest.mark.parametrize("options, message", [
     (dict(branches=0), "branches must be >= 1"),
     (dict(eta=-0.1), "eta must be >= 0"),
-    (dict(window_start=2, window_end=9), r"window must satisfy 0 <= start <= end <= steps = 5"),
-    (dict(window_start=4, window_end=2), "window must satisfy"),
+    (dict(window_start=2, window_end=9), r"window_end <= steps \(5\); got 2 and 9"),
+    (dict(window_start=4, window_end=2), "got 4 and 2"),
     (dict(mode="best-of"), "mode must be one of"),
 ])
 def test_bad_search_settings_are_refused(nodes_mod, drm, setup, options, message):
@@ -245,3 +245,12 @@ def test_overflowing_drm_scores_stop_the_search_naming_the_dtype(nodes_mod, setu
     latent = {"samples": torch.full((2, 16, 16, 16), 1e5)}
     with pytest.raises(ValueError, match="NaN or infinite scores.*float16.*bf16 or fp32"):
         stepwise(nodes_mod, fp16, setup, latent, mode=mode, denoise=0.3)
+
+
+@pytest.mark.parametrize("bad", [dict(eta=float("nan")), dict(temperature=float("inf"))])
+def test_non_finite_search_settings_are_refused_by_name(nodes_mod, drm, bad):
+    """A posted workflow can carry NaN, which passes ComfyUI's min/max checks."""
+    args = dict(branches=2, eta=0.7, mode="greedy", beam_width=2, temperature=1.0, window_start=0, window_end=-1)
+    args.update(bad)
+    with pytest.raises(ValueError, match=f"{next(iter(bad))} is (nan|inf); expected a finite number"):
+        nodes_mod.stepwise.SamplerDRMStepwise.execute(drm, *args.values())

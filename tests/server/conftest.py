@@ -151,7 +151,8 @@ def _build_models(models: Path) -> None:
         tiny_generator_state_dict,
         tiny_lora_state_dict,
     )
-    from trainer.synthetic import tiny_vae_state_dict
+    from trainer.import_dina import import_dina
+    from trainer.synthetic import tiny_dina_snapshot, tiny_vae_state_dict
 
     generator = tiny_generator_state_dict()
     atomic_save(generator, models / "diffusion_models" / "tiny-sd35.safetensors", {})
@@ -159,8 +160,10 @@ def _build_models(models: Path) -> None:
     atomic_save(tiny_adapter_drm_state_dict(generator), models / "drm" / "tiny-drm.safetensors",
                 {"drm.format": "adapter", "drm.blocks": "1"})
     atomic_save(tiny_lora_state_dict(generator), models / "loras" / "tiny-sd35-step-grpo.safetensors", {})
-    for name, seed in (("tiny-prompt-0", 0), ("tiny-prompt-1", 1), ("tiny-negative", 2)):
-        cond = tiny_conditioning(seed=seed)
+    import_dina(tiny_dina_snapshot(models.parent / "dina-snapshot", generator), models / "drm" / "tiny-dina.safetensors")
+    for name, seed, tokens in (("tiny-prompt-0", 0, 8), ("tiny-prompt-1", 1, 8), ("tiny-negative", 2, 8),
+                               ("tiny-prompt-t5-128", 0, 77 + 128)):
+        cond = tiny_conditioning(seed=seed, tokens=tokens)
         save_conditioning(models / "drm_conditioning" / f"{name}.safetensors", cond[0][0],
                           cond[0][1]["pooled_output"], prompt=name)
 

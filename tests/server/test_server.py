@@ -12,8 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
-PACK_NODES = ("DRMLoader", "DRMLoadConditioning", "DRMScoreLatent", "DRMStepwiseKSampler", "SamplerDRMStepwise")
-SUMMARY_LINE = re.compile(r"^\s*#(\d+):\s*(\S+)\s*$", re.MULTILINE)
+PACK_NODES = ("DRMLoader", "DRMLoadConditioning", "DRMScoreLatent", "DRMScoreImage", "DRMStepwiseKSampler",
+              "SamplerDRMStepwise")
+SUMMARY_LINE = re.compile(r"^\s*#(\d+):\s*(\S+)(?:\s+\(rejected\))?\s*$", re.MULTILINE)
 
 
 def combo_options(spec: list) -> list:
@@ -44,11 +45,14 @@ def test_pack_nodes_are_registered(server):
     assert "tiny-drm.safetensors" in drm_names
     cond_names = combo_options(info["DRMLoadConditioning"]["input"]["required"]["conditioning_name"])
     assert {"tiny-prompt-0.safetensors", "tiny-prompt-1.safetensors"} <= set(cond_names)
-    assert info["DRMScoreLatent"]["output_is_list"] == [True, False, False]
+    assert info["DRMScoreLatent"]["output_is_list"] == [True, False, False, False]
 
 
 def run_workflow(server, name: str) -> tuple[dict, dict]:
-    workflow = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
+    """Post workflows/api/<name>.json, with the tiny stand-ins for any real weights it names."""
+    from tools.build_workflows import with_tiny_stand_ins
+
+    workflow = with_tiny_stand_ins(json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8")))
     entry = server.wait_for(server.post_prompt(workflow), timeout=300)
     assert entry["status"]["status_str"] == "success", server.describe_failure(entry)
     return workflow, entry["outputs"]
@@ -64,8 +68,8 @@ def test_scores_mid_graph_noisy_and_clean(server):
     """drm_score_midgraph: the KSamplerAdvanced latent with leftover noise and the finished one, both scored."""
     workflow, outputs = run_workflow(server, "drm_score_midgraph")
     noisy, clean = (parse_summary(outputs[n]["text"][0]) for n in ("11", "12"))
-    assert outputs["11"]["text"][0].startswith("DRM tiny-drm.safetensors at sigma 0.7500")  # step 4 of 8, shift 3
-    assert outputs["12"]["text"][0].startswith("DRM tiny-drm.safetensors at sigma 0.0000")
+    assert outputs["11"]["text"][0].startswith("DRM tiny-drm.safetensors, latents at sigma 0.7500")  # step 4 of 8, shift 3
+    assert outputs["12"]["text"][0].startswith("DRM tiny-drm.safetensors, latents at sigma 0.0000")
     batch = workflow["6"]["inputs"]["batch_size"]
     assert sorted(noisy) == sorted(clean) == list(range(batch))
     assert all(math.isfinite(v) for v in [*noisy.values(), *clean.values()])
@@ -79,6 +83,18 @@ def test_best_of_batch_keeps_the_top_scored_latent(server):
     assert len(ranked) == workflow["6"]["inputs"]["batch_size"] and scores == sorted(scores, reverse=True)
     assert len(set(scores)) == len(scores), scores
     assert len(outputs["11"]["images"]) == 1  # LatentFromBatch took one latent: the first of the sorted batch
+
+
+def test_dina_template_keeps_the_best_of_four_noised_as_its_authors_score(server):
+    """drm_dina_best_of_batch, on the tiny stand-ins: an imported DiNa-LRM scores a batch of 4 (noised to
+    sigma 0.4, the level its file recommends) and only the best image is decoded and saved."""
+    workflow, outputs = run_workflow(server, "drm_dina_best_of_batch")
+    summary = outputs["12"]["text"][0]
+    assert summary.startswith("DRM tiny-dina.safetensors, latents noised to sigma 0.4000, 1 draw(s) (4 items"), summary
+    scores = list(parse_summary(summary).values())
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True) and all(map(math.isfinite, scores))
+    assert summary.count("(rejected)") == 3
+    assert len(outputs["11"]["images"]) == 1
 
 
 def test_stepwise_beside_ksampler_returns_trace_and_plot(server):
