@@ -2,9 +2,13 @@
 
     python bench/drm_cost.py [--depth 8] [--resolution 256] [--batch 2] [--dtype fp32] [--comfyui PATH]
 
-Both models are random-weight SD3.5-architecture MMDiTs (the DRM keeps depth - 3 blocks, as the
-2BConvGN variant does). Expected ratio: about (depth - 3) / depth, plus the head. Use
---depth 24 --resolution 512 --dtype bf16 on a GPU for SD3.5-Medium's size.
+All models are random-weight SD3.5-architecture MMDiTs. Two DRMs are timed against the generator:
+- the paper's (ConvGN head), keeping depth - 3 blocks as the 2BConvGN variant does: expected ratio
+  about (depth - 3) / depth, plus the head;
+- DiNa-LRM's (query-attention head on image and text taps, LoRA on the generator's own blocks),
+  keeping depth / 2 blocks as the released 12-of-24 model does: about 1/2, plus the LoRA and the head.
+On a GPU it also prints each call's peak memory. Use --depth 24 --resolution 512 --dtype bf16 on a
+GPU for SD3.5-Medium's size (the tiny position embedding covers up to 512 px).
 """
 
 from __future__ import annotations
@@ -44,14 +48,16 @@ def main() -> None:
     parser.add_argument("--comfyui", help="ComfyUI tree (default: $COMFYUI_PATH)")
     args = parser.parse_args()
 
-    from drm.host import import_comfy
+    from drm.host import import_comfy_or_exit
 
-    import_comfy(args.comfyui)
+    import_comfy_or_exit(args.comfyui)
     import comfy.model_management
     import comfy.ops
     import comfy.sd
 
-    from drm.model import build_drm
+    from drm.head import DiNaHead
+    from drm.lora import LoRA, target_paths
+    from drm.model import DRM, build_drm
     from drm.tiny import tiny_conditioning, tiny_drm_state_dict, tiny_generator_state_dict
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -61,6 +67,11 @@ def main() -> None:
     drm = build_drm(tiny_drm_state_dict(generator_sd, blocks=blocks), blocks=blocks,
                     operations=comfy.ops.disable_weight_init).to(device, dtype).eval()
     generator = comfy.sd.load_diffusion_model_state_dict(generator_sd).model.diffusion_model.to(device, dtype).eval()
+    dina_blocks = max(1, args.depth // 2)
+    taps = tuple(sorted({max(1, dina_blocks // 3), max(1, 2 * dina_blocks // 3), dina_blocks}))
+    lora = LoRA.for_module(generator, target_paths(generator, blocks=dina_blocks + 1), rank=64, alpha=128).to(device, dtype)
+    dina = DRM(generator, dina_blocks, None, DiNaHead(generator.hidden_size, generator.hidden_size, taps, taps),
+               lora=lora, shared_backbone=True).to(device).eval()
 
     latent = args.resolution // 8
     x = torch.randn(args.batch, 16, latent, latent, device=device, dtype=dtype)
@@ -75,19 +86,33 @@ def main() -> None:
         def run_drm():
             drm(x, t, context, pooled)
 
-        for fn in (run_generator, run_drm):  # warm-up
-            timed(fn, 2)
-        gen_times, drm_times = [], []
-        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
-            gen_times += timed(run_generator, 1)
-            drm_times += timed(run_drm, 1)
+        def run_dina():
+            dina(x, t.float(), context, pooled)
 
-    g, d = statistics.median(gen_times), statistics.median(drm_times)
-    print(f"device {device}, {args.dtype}, depth {args.depth} (hidden {64 * args.depth}), DRM keeps {blocks} blocks, "
+        calls = {"generator": run_generator, "DRM (ConvGN)": run_drm, "DiNa-LRM": run_dina}
+        peak = {}
+        for name, fn in calls.items():  # warm-up, and each call's peak memory on a GPU
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            timed(fn, 2)
+            if torch.cuda.is_available():
+                peak[name] = torch.cuda.max_memory_allocated() / 2**30
+        times = {name: [] for name in calls}
+        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
+            for name, fn in calls.items():
+                times[name] += timed(fn, 1)
+
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"device {device}, {args.dtype}, depth {args.depth} (hidden {64 * args.depth}), "
           f"{args.resolution}x{args.resolution}, batch {args.batch}, {args.repeats} interleaved repeats")
-    print(f"generator call  median {g * 1e3:8.2f} ms")
-    print(f"DRM call        median {d * 1e3:8.2f} ms")
-    print(f"ratio DRM / generator: {d / g:.3f}   (expected about {blocks / args.depth:.3f} plus the head)")
+    for name in calls:
+        memory = f", peak {peak[name]:.2f} GiB" if name in peak else ""
+        print(f"{name:16s} median {median[name] * 1e3:8.2f} ms{memory}")
+    g = median["generator"]
+    print(f"ratio DRM (ConvGN, {blocks} blocks) / generator: {median['DRM (ConvGN)'] / g:.3f}   "
+          f"(expected about {blocks / args.depth:.3f} plus the head)")
+    print(f"ratio DiNa-LRM ({dina_blocks} blocks, taps {list(taps)}) / generator: {median['DiNa-LRM'] / g:.3f}   "
+          f"(expected about {dina_blocks / args.depth:.3f} plus the LoRA and the head)")
 
 
 if __name__ == "__main__":

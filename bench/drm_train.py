@@ -78,9 +78,9 @@ def main() -> None:
     parser.add_argument("--comfyui", help="ComfyUI tree (default: $COMFYUI_PATH)")
     args = parser.parse_args()
 
-    from drm.host import import_comfy
+    from drm.host import import_comfy_or_exit
 
-    import_comfy(args.comfyui)
+    import_comfy_or_exit(args.comfyui)
     from drm.checkpoint import atomic_save
     from drm.tiny import tiny_generator_state_dict
     from trainer.synthetic import synthetic_latent_pairs

@@ -46,9 +46,9 @@ def main() -> None:
     parser.add_argument("--comfyui", help="ComfyUI tree (default: $COMFYUI_PATH)")
     args = parser.parse_args()
 
-    from drm.host import import_comfy
+    from drm.host import import_comfy_or_exit
 
-    import_comfy(args.comfyui)
+    import_comfy_or_exit(args.comfyui)
     from trainer.demo import run_demo
     from trainer.grpo_train import GRPOConfig, train_grpo
 

@@ -53,9 +53,9 @@ def main() -> None:
     parser.add_argument("--comfyui", help="ComfyUI tree (default: $COMFYUI_PATH)")
     args = parser.parse_args()
 
-    from drm.host import import_comfy
+    from drm.host import import_comfy_or_exit
 
-    import_comfy(args.comfyui)
+    import_comfy_or_exit(args.comfyui)
     import comfy.model_management
     import comfy.sample
     import comfy.samplers

@@ -110,10 +110,10 @@ def describe_foreign(keys: list[str]) -> str:
         return "an SD1/SDXL UNet"
     if "double_blocks." in joined:
         return "a Flux model"
+    if "lora_up" in joined or "lora_A" in joined:  # before the block names: a LoRA's keys hold them too
+        return "a LoRA"
     if "joint_blocks." in joined or "transformer_blocks." in joined:
         return "an SD3 diffusion model without a reward head (reward_output.*)"
-    if "lora_up" in joined or "lora_A" in joined:
-        return "a LoRA"
     return f"an unknown model (first keys: {keys[:3]})"
 
 
@@ -200,8 +200,8 @@ def _metadata(drm, fmt: str, extra: dict[str, str] | None) -> dict[str, str]:
 
 
 def _own_parts(drm) -> dict[str, torch.Tensor]:
-    """Final layer and head tensors, under their file names."""
-    state = {"final_layer." + k: v for k, v in drm.final_layer.state_dict().items()}
+    """Final layer (if the head uses one) and head tensors, under their file names."""
+    state = {} if drm.final_layer is None else {"final_layer." + k: v for k, v in drm.final_layer.state_dict().items()}
     state.update({HEAD_PREFIX + k: v for k, v in drm.reward_output.state_dict().items()})
     return state
 
@@ -230,7 +230,7 @@ def save_adapter(drm, path: str | os.PathLike, metadata: dict[str, str] | None =
     state = drm.lora.state_dict_comfy() if drm.lora is not None else {}
     state.update({k: v.detach().contiguous().cpu() for k, v in _own_parts(drm).items()})
     meta = _metadata(drm, "adapter", metadata)
-    if drm.lora is not None:
+    if drm.lora is not None and drm.lora.rank is not None:
         meta.update({"drm.lora_rank": str(drm.lora.rank), "drm.lora_alpha": str(drm.lora.alpha)})
     atomic_save(state, path, meta)
 

@@ -13,6 +13,8 @@ import torch
 
 from .checkpoint import atomic_save, read_safetensors
 
+CONTEXT_WIDTH, POOLED_WIDTH = 4096, 2048  # SD3: CLIP-L/G + T5 token features, and CLIP-L + G pooled
+
 
 def save_conditioning(path: str | os.PathLike, context: torch.Tensor, pooled: torch.Tensor, prompt: str = "") -> None:
     atomic_save({"context": context.detach().contiguous().cpu(), "pooled": pooled.detach().contiguous().cpu()},
@@ -23,10 +25,26 @@ def load_conditioning(path: str | os.PathLike) -> list:
     """A ComfyUI CONDITIONING: [[context, {"pooled_output": pooled}]]."""
     tensors, metadata = read_safetensors(path, "conditioning file",
                                          "Put conditioning files in ComfyUI/models/drm_conditioning/.")
+    name = Path(path).name
     if set(tensors) != {"context", "pooled"}:
-        raise ValueError(f"conditioning file {Path(path).name} holds {sorted(tensors)[:4]}; expected exactly "
+        raise ValueError(f"conditioning file {name} holds {sorted(tensors)[:4]}; expected exactly "
                          "`context` and `pooled` tensors (written by drm.conditioning.save_conditioning).")
-    return [[tensors["context"], {"pooled_output": tensors["pooled"]}]]
+    context, pooled = tensors["context"], tensors["pooled"]
+    problem = None
+    if not (context.is_floating_point() and pooled.is_floating_point()):
+        problem = f"its tensors are {context.dtype} and {pooled.dtype}, not floating point"
+    elif context.ndim != 3 or pooled.ndim != 2 or context.shape[0] != pooled.shape[0] or context.shape[1] == 0:
+        problem = f"context is {list(context.shape)} and pooled {list(pooled.shape)}"
+    elif context.shape[2] != CONTEXT_WIDTH or pooled.shape[1] != POOLED_WIDTH:
+        problem = (f"context is {context.shape[2]} wide and pooled {pooled.shape[1]}, not SD3's {CONTEXT_WIDTH} and "
+                   f"{POOLED_WIDTH}")
+    elif not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
+        problem = "it holds NaN or infinite values"
+    if problem:
+        raise ValueError(f"conditioning file {name}: {problem}. Expected SD3 conditioning: context [B, T >= 1, "
+                         f"{CONTEXT_WIDTH}] and pooled [B, {POOLED_WIDTH}], finite floats (drm.conditioning."
+                         "save_conditioning writes them); encode the prompt again.")
+    return [[context, {"pooled_output": pooled}]]
 
 
 def by_context_length(fn, context: torch.Tensor, context_length: torch.Tensor | None, *rows: torch.Tensor):

@@ -41,7 +41,11 @@ def locate_comfyui(explicit: str | os.PathLike | None = None) -> Path:
         candidates.append(("--comfyui", Path(explicit)))
     if os.environ.get("COMFYUI_PATH"):
         candidates.append(("COMFYUI_PATH", Path(os.environ["COMFYUI_PATH"])))
-    # .../ComfyUI/custom_nodes/<this pack>
+    # .../ComfyUI/custom_nodes/<this pack>; a pack linked into custom_nodes/ is found through the shell's
+    # working directory ($PWD keeps the link; the resolved path leaves the ComfyUI tree)
+    logical = Path(os.environ.get("PWD", "."))
+    if logical != PACK_ROOT and logical.resolve() == PACK_ROOT:
+        candidates.append(("the ComfyUI containing this pack", logical.parent.parent))
     candidates.append(("the ComfyUI containing this pack", PACK_ROOT.parent.parent))
     for source, path in candidates:
         if _is_comfyui_tree(path):
@@ -49,8 +53,8 @@ def locate_comfyui(explicit: str | os.PathLike | None = None) -> Path:
         if source != "the ComfyUI containing this pack":
             raise ComfyUINotFound(f"{source} points at {path}, which is not a ComfyUI tree (no comfy/ or folder_paths.py).")
     raise ComfyUINotFound(
-        "ComfyUI was not found. Pass --comfyui /path/to/ComfyUI, or set COMFYUI_PATH, "
-        "or install this pack under ComfyUI/custom_nodes/."
+        "ComfyUI was not found. Pass --comfyui /path/to/ComfyUI (e.g. `python -m trainer demo --comfyui PATH`), "
+        "or set COMFYUI_PATH, or install this pack under ComfyUI/custom_nodes/ and run from the pack's folder."
     )
 
 
@@ -130,3 +134,12 @@ def register_model_folders() -> None:
         if default not in paths:
             paths.append(default)
         folder_paths.folder_names_and_paths[name] = (paths, {".safetensors"})
+
+
+def import_comfy_or_exit(explicit: str | os.PathLike | None = None) -> Path:
+    """import_comfy for command-line scripts (the benchmarks): a one-line error and exit code 2, not a traceback."""
+    try:
+        return import_comfy(explicit)
+    except ComfyUIUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -141,8 +141,9 @@ def _check_args(sigmas: Tensor, branches: int, eta: float, mode: str, beam_width
     start, end = window
     end = steps if end is None else end
     if not 0 <= start <= end <= steps:
-        raise ValueError(f"window must satisfy 0 <= start <= end <= steps = {steps}, got {window}; "
-                         "use (0, None) to branch at every step.")
+        shown = "-1" if window[1] is None else window[1]
+        raise ValueError(f"window_start and window_end must satisfy 0 <= window_start <= window_end <= steps ({steps}); "
+                         f"got {window[0]} and {shown}. window_end = -1 branches through the last step.")
     return start, end
 
 

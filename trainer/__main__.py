@@ -3,6 +3,7 @@
   demo   the pipeline end to end on a tiny random-weight SD3.5-architecture model
   drm    train a DRM from preference pairs
   grpo   fine-tune SD3.5 into a LoRA with Step-wise GRPO (or the GRPO baseline) against a DRM
+  import-dina  convert a DiNa-LRM snapshot (public SD3.5-M reward model) into a DRM file
 """
 
 from __future__ import annotations
@@ -19,19 +20,40 @@ CONFIGS = {"drm": DRMTrainConfig, "grpo": GRPOConfig}
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, encoding, evaluating): nothing to save
+        print("stopped by Ctrl-C before a checkpoint could be saved; run the same command again to start over.",
+              file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", metavar="PATH",
-                        help="ComfyUI tree to use (default: $COMFYUI_PATH, then the ComfyUI holding this pack)")
+    comfyui_help = "ComfyUI tree to use (default: $COMFYUI_PATH, then the ComfyUI holding this pack)"
+    parser.add_argument("--comfyui", metavar="PATH", help=comfyui_help)
+    # also accepted after the command (`python -m trainer demo --comfyui PATH`), where users put it
+    uses_comfyui = argparse.ArgumentParser(add_help=False)
+    uses_comfyui.add_argument("--comfyui", metavar="PATH", default=argparse.SUPPRESS, help=comfyui_help)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the pipeline on a tiny random-weight SD3.5-architecture model")
+    demo = commands.add_parser("demo", parents=[uses_comfyui],
+                               help="run the pipeline on a tiny random-weight SD3.5-architecture model")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; an earlier demo there is replaced)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--install", action="store_true",
                       help="copy the tiny model, VAE, DRM, LoRA and prompts into ComfyUI's models folder")
-    add_arguments(commands.add_parser("drm", help="train a DRM from preference pairs"), DRMTrainConfig)
-    add_arguments(commands.add_parser("grpo", help="Step-GRPO / GRPO fine-tuning to a ComfyUI LoRA"), GRPOConfig)
+    add_arguments(commands.add_parser("drm", parents=[uses_comfyui], help="train a DRM from preference pairs"),
+                  DRMTrainConfig)
+    add_arguments(commands.add_parser("grpo", parents=[uses_comfyui], help="Step-GRPO / GRPO fine-tuning to a ComfyUI LoRA"),
+                  GRPOConfig)
+    dina = commands.add_parser("import-dina", help="convert a DiNa-LRM snapshot folder into a DRM file (needs no ComfyUI)")
+    dina.add_argument("snapshot", help="the snapshot folder (config.json, checkpoint/backbone_lora/, checkpoint/rm_head.pt)")
+    dina.add_argument("--out", required=True, help="the DRM file to write (.safetensors), e.g. ComfyUI/models/drm/dina-lrm-sd35m.safetensors")
     args = parser.parse_args(argv)
+
+    if args.command == "import-dina":
+        return _import_dina(args.snapshot, args.out)
 
     try:  # configuration errors are reported before any model loads
         config = load_config(CONFIGS[args.command], args) if args.command in CONFIGS else None
@@ -72,7 +94,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except RunInterrupted:  # its message is printed; the checkpoint makes --resume continue exactly
-            return 0
+            return 130  # not 0: a script running `drm ... && grpo ...` must not go on as if training finished
+    return 0
+
+
+def _import_dina(snapshot: str, out: str) -> int:
+    from .import_dina import SnapshotError, import_dina
+
+    if not out.endswith(".safetensors"):
+        print(f"error: --out {out}: expected a .safetensors file name (DRM Loader lists only those).", file=sys.stderr)
+        return 2
+    try:
+        metadata = import_dina(snapshot, out)
+    except SnapshotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Wrote {out}: a DiNa-LRM DRM keeping {metadata['drm.blocks']} blocks (adapter format: connect the SD3.5-Medium "
+          f"MODEL to DRM Loader). Scores are raw, higher is better; DRM Score Latent noises clean latents to sigma "
+          f"{metadata['drm.noise_sigma']} first, DRM Score Image to {metadata['drm.noise_sigma_image']}.")
     return 0
 
 

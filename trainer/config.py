@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
+import math
 import os
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,7 @@ def _convert(name: str, kind, value):
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(kind) if a is not type(None)]
         return _convert(name, options[0], value)
+    expected = getattr(kind, "__name__", kind)
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -77,11 +79,19 @@ def _convert(name: str, kind, value):
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        # TOML gives typed values: true is not a number, and a table or an array is not a path
+        if isinstance(value, bool) or isinstance(value, dict | list) or (kind is str and not isinstance(value, str)):
+            raise ValueError
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
+        converted = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}") from None
+    if kind is float and not math.isfinite(converted):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if kind is int and abs(converted) >= 2 ** 63:
+        raise ConfigError(f"{name}: {value!r} is too large (at most 2**63 - 1)")
+    return converted
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -91,7 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        help_text = f.metadata.get("help", "")
+        if "(default:" not in help_text:  # a help that explains its empty default says it already
+            help_text += f" (default: {default!r})"
         if kinds[f.name] is bool:  # `--resume` alone means true; `--resume false` is accepted too
             parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL",
                                 help=help_text)
@@ -127,5 +139,23 @@ def load_config(cls, args: argparse.Namespace):
     return config
 
 
+def check_ranges(config, rules: dict[str, tuple]) -> None:
+    """Raise ConfigError for the first field outside its range. rules: {field: (test, what it must be)}."""
+    for name, (ok, expected) in rules.items():
+        if not ok(getattr(config, name)):
+            raise ConfigError(f"{name}: expected {expected}, got {getattr(config, name)!r}")
+
+
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+def shareable_dict(config) -> dict:
+    """to_dict for metadata of files that get shared (DRMs, LoRAs): every path keeps only its file name,
+    so a published file does not reveal the trainer's local folders."""
+    def name_only(value):
+        if isinstance(value, str) and ("/" in value or "\\" in value):
+            return PurePath(value.replace("\\", "/")).name
+        return [name_only(v) for v in value] if isinstance(value, list) else value
+
+    return {k: name_only(v) for k, v in to_dict(config).items()}

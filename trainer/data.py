@@ -187,6 +187,9 @@ def check_resolution(resolution: int) -> None:
                          f"MMDiT patches 2x2 latents), got {resolution!r}. SD3.5-Medium is trained at 512 or 1024.")
 
 
+MAX_ASPECT = 8  # longest side / shortest side an image may have
+
+
 def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     """An image file as float32 [resolution, resolution, 3] (rows, columns, RGB), values in [0, 1].
 
@@ -207,8 +210,8 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
       the alpha would train on whatever the saving program left there; white is how a page shows it.
     - A mode Pillow cannot convert to RGB (La, premultiplied grey, which no file opens as) is refused.
 
-    Raises UnreadableImage, naming the file, for a missing or undecodable file and for a refused mode
-    or values.
+    Raises UnreadableImage, naming the file, for a missing or undecodable file, a refused mode or
+    values, or a shape longer than MAX_ASPECT:1.
     """
     check_resolution(resolution)
     try:
@@ -218,6 +221,10 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
         raise UnreadableImage(f"image {path} does not exist") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"image {path} cannot be decoded ({e})") from None
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        # the shorter side is scaled to `resolution`, so a 2 x 10000 strip would become 512 x 2.56 million
+        raise UnreadableImage(f"image {path} is {image.size[0]}x{image.size[1]} pixels, more than {MAX_ASPECT}:1; "
+                              "a center crop of it would show almost nothing. Crop or pad it to a usual shape.")
     pixels = image_to_rgb(image, path)
     height, width = pixels.shape[:2]
     scale = resolution / min(width, height)
@@ -410,6 +417,7 @@ def clip_prompt_encoder(clip, t5_length: int = 77) -> PromptEncoder:
     encoded the way it was trained on best: in ComfyUI, the T5TokenizerOptions node sets the same.
     """
 
+    @torch.no_grad()  # the encoders' weights keep requires_grad; no graph is wanted
     def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = clip.tokenize(prompt, tokenizer_options={"t5xxl_min_length": t5_length})
         context, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
@@ -502,7 +510,8 @@ def _encode_images(records: Sequence[PairRecord], vae, resolution: int, cache: P
     pending: list[tuple[Path, Path | None, torch.Tensor]] = []  # (image, cache file, pixels)
 
     def flush() -> None:
-        out = vae.encode(torch.stack([pixels for _, _, pixels in pending])).float().cpu()
+        with torch.no_grad():  # ComfyUI's VAE keeps requires_grad on its weights
+            out = vae.encode(torch.stack([pixels for _, _, pixels in pending])).float().cpu()
         if out.ndim != 4 or len(out) != len(pending):
             raise RuntimeError(f"vae.encode returned {list(out.shape)} for {len(pending)} images; expected [B, C, h, w].")
         if not torch.isfinite(out).all():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from .config import ConfigError, field, to_dict
+from .config import ConfigError, check_ranges, field, shareable_dict
 from .runs import (
     RunInterrupted,
     append_csv,
@@ -86,7 +86,8 @@ class DRMTrainConfig:
             paths = getattr(self, name) if name == "clip" else [getattr(self, name)]
             for p in paths:
                 if p and not Path(p).is_file():
-                    raise ConfigError(f"{name}: file {p} does not exist")
+                    raise ConfigError(f"{name}: {p} is a folder; expected a file" if Path(p).is_dir()
+                                      else f"{name}: file {p} does not exist")
         try:
             check_resolution(self.resolution)
         except ValueError as e:
@@ -107,7 +108,42 @@ class DRMTrainConfig:
         for name in ("blocks", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        check_ranges(self, {"lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+                            "grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
+                            "head_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+                            "lora_alpha": (lambda v: v > 0, "> 0"), "logit_std": (lambda v: v > 0, "> 0"),
+                            "seed": (lambda v: v >= 0, ">= 0")})
         check_out_dir(self, RESUMABLE)
+
+
+def check_pairs_fit(pairs, mmdit, data: str) -> None:
+    """Refuse encoded pairs whose latents or prompts the base model cannot take, naming what differs."""
+    latent, context, pooled = pairs.preferred, pairs.context, pairs.pooled
+    limit = None if mmdit.pos_embed_max_size is None else mmdit.pos_embed_max_size * mmdit.patch_size
+    problems = []
+    if latent.ndim != 4 or latent.shape[1] != mmdit.in_channels or pairs.rejected.shape != latent.shape:
+        problems.append(f"latents are {list(latent.shape)} and {list(pairs.rejected.shape)}, the base takes "
+                        f"[N, {mmdit.in_channels}, h, w]")
+    elif limit is not None and max(latent.shape[-2:]) > limit:
+        problems.append(f"latents are {latent.shape[-2]}x{latent.shape[-1]}, the base's position embedding covers "
+                        f"{limit}x{limit} (resolution {limit * 8})")
+    width = getattr(mmdit.context_embedder, "in_features", None)
+    if context.ndim != 3 or (width is not None and context.shape[-1] != width):
+        problems.append(f"context is {list(context.shape)}, the base takes [P, T, {width}]")
+    pooled_width = None if mmdit.y_embedder is None else mmdit.y_embedder.mlp[0].in_features
+    if pooled.ndim != 2 or (pooled_width is not None and pooled.shape[-1] != pooled_width):
+        problems.append(f"pooled is {list(pooled.shape)}, the base takes [P, {pooled_width}]")
+    if problems:
+        raise ValueError(f"data: {Path(data).name} does not fit the base model: {'; '.join(problems)}. Encode the "
+                         "pairs with this base (pass the pairs .json/.jsonl instead of the .safetensors).")
+
+
+def divergence_fix(cfg: DRMTrainConfig) -> str:
+    """What to change when the DRM's scores overflow: the precision first, then the step size."""
+    if cfg.precision != "fp32":
+        return "Use precision fp32 (or a lower lr)."
+    return (f"In fp32 that means the training diverged: lower lr (now {cfg.lr:g})"
+            + (f" or lora_alpha (now {cfg.lora_alpha:g})" if cfg.mode == "adapter" else "") + ".")
 
 
 # ---- noise levels and evaluation ----
@@ -163,7 +199,7 @@ def evaluate(drm, pairs, cfg: DRMTrainConfig, latent_format, device, autocast: b
                                         latent_format, device, autocast)
                 if not (torch.isfinite(good).all() and torch.isfinite(bad).all()):
                     raise ValueError(f"the DRM's held-out scores at sigma {sigma:.3f} are NaN or infinite (precision "
-                                     f"{cfg.precision}); its accuracy would be meaningless. Use precision fp32.")
+                                     f"{cfg.precision}); its accuracy would be meaningless. {divergence_fix(cfg)}")
                 correct.append((good > bad).float().cpu())
         correct = torch.cat(correct)
         result[f"acc_sigma_{low:.2f}_{high:.2f}"] = correct.mean().item()
@@ -244,7 +280,7 @@ def write_drm(cfg: DRMTrainConfig, drm, base_name: str, step: int, metrics: dict
 
     path = Path(cfg.out) / f"drm-{base_name}-{cfg.mode}.safetensors"
     meta = {"drm.base_model": base_name, "drm.train_mode": cfg.mode, "drm.train_steps": str(step),
-            "drm.eval": json.dumps(metrics), "drm.config": json.dumps(to_dict(cfg))}
+            "drm.eval": json.dumps(metrics), "drm.config": json.dumps(shareable_dict(cfg))}
     if not cfg.data.endswith(".safetensors"):  # the trainer encoded the prompts itself, so it knows how
         meta["drm.t5_length"] = str(cfg.t5_length)
     # adapter and head DRMs run on the base model's own weights, so only their own parts are written
@@ -286,6 +322,7 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
             encode_records(cfg, base, records).save(encoded)
         accelerator.wait_for_everyone()
         pairs = EncodedPairs.load(encoded)
+    check_pairs_fit(pairs, base.model.model.diffusion_model, cfg.data)
     train, heldout = pairs.split(cfg.holdout, cfg.seed)
     latent_format = base.model.get_model_object("latent_format")
     shift = cfg.timestep_shift or base.model.get_model_object("model_sampling").shift
@@ -295,6 +332,9 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_scheduler(optimizer, cfg.warmup_steps)
     step = load_state(out, drm, optimizer, scheduler) if cfg.resume else 0
+    if cfg.resume and step >= cfg.max_steps:
+        raise ConfigError(f"max_steps: the run in {cfg.out} already finished {step} steps; to train on, resume with "
+                          f"--max-steps above {step}")
     model, optimizer = accelerator.prepare(drm, optimizer)
     metrics_file = out / "metrics.csv"
     if accelerator.is_main_process:
@@ -326,8 +366,8 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
             loss = -F.logsigmoid(good - bad).mean()
             if not torch.isfinite(loss):
                 raise ValueError(f"the DRM's scores are NaN or infinite at step {step + 1} (precision {cfg.precision}), "
-                                 "so this step is not applied; the last checkpoint in out is intact. Use precision "
-                                 "fp32 or a lower lr, and resume with --resume.")
+                                 "so this step is not applied; the last checkpoint in out is intact. "
+                                 f"{divergence_fix(cfg)} Then resume with --resume.")
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, cfg.grad_clip)
@@ -344,7 +384,8 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
                 row.update(last_eval)
             if accelerator.is_main_process:
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{last_eval.get('eval_acc', float('nan')):.2f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", **({"acc": f"{last_eval['eval_acc']:.2f}"}
+                                                              if "eval_acc" in last_eval else {}))
                 if step % cfg.log_every == 0 or "eval_acc" in row:
                     append_csv(metrics_file, row, COLUMNS)
             stopping = stop_request.agreed(accelerator)

@@ -24,7 +24,8 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, std_of: torch.Ten
         raise ValueError(f"a group needs at least 2 members to normalise rewards, got {rewards.shape[-1]}")
     if not torch.isfinite(rewards).all():
         raise ValueError(f"{(~torch.isfinite(rewards)).sum().item()} rewards are NaN or infinite; their advantages "
-                         "would be too. Run the reward model in bf16 or fp32.")
+                         "would be too. Load the reward model in bf16 or fp32 if it is fp16; otherwise the rollouts "
+                         "diverged (check cfg, eta and the learning rate).")
     mean = rewards.mean(dim=-1, keepdim=True)
     if std_of is None:
         std = rewards.std(dim=-1, keepdim=True, unbiased=False)

@@ -21,7 +21,7 @@ import torch
 
 from drm.checkpoint import atomic_path
 
-from .config import ConfigError, field, to_dict
+from .config import ConfigError, check_ranges, field, shareable_dict
 from .runs import (
     RunInterrupted,
     append_csv,
@@ -52,7 +52,7 @@ class GRPOConfig:
     resolution: int = field(512, "image size in pixels (multiple of 16)")
     steps: int = field(10, "rollout steps T")
     scheduler: str = field("normal", "ComfyUI scheduler of the rollout sigmas; normal reproduces Flow-GRPO's "
-                                     "(diffusers FlowMatchEuler, shift 3), whose small last step trains too")
+                                     "(diffusers FlowMatchEuler, shift 3); its last step, to sigma 0, is short and deterministic (never trained)")
     eta: float = field(0.7, "SDE noise level a of the rollouts")
     cfg: float = field(4.5, "classifier-free guidance of rollouts and log-probs (1: no CFG, half the cost)")
     t5_length: int = field(77, "text prompts: T5 tokens are padded to at least this many (ComfyUI's default 77; "
@@ -97,7 +97,8 @@ class GRPOConfig:
         for name in ("base", "drm", "prompts", "eval_prompts", "vae", *(["clip"] if self.clip else [])):
             for p in (self.clip if name == "clip" else [getattr(self, name)]):
                 if p and not Path(p).is_file():
-                    raise ConfigError(f"{name}: file {p} does not exist")
+                    raise ConfigError(f"{name}: {p} is a folder; expected a file" if Path(p).is_dir()
+                                      else f"{name}: file {p} does not exist")
         try:
             check_resolution(self.resolution)
         except ValueError as e:
@@ -133,6 +134,12 @@ class GRPOConfig:
             raise ConfigError(f"ema: expected 0 <= ema < 1, got {self.ema}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps: expected >= 0, got {self.warmup_steps}")
+        check_ranges(self, {"lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+                            "grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"), "clip_range": (lambda v: v > 0, "> 0"),
+                            "kl_beta": (lambda v: v >= 0, ">= 0 (0: no KL)"),
+                            "eta": (lambda v: v <= 2, "at most 2 (Flow-GRPO uses 0.7; larger steps diverge)"),
+                            "cfg": (lambda v: 0 <= v <= 100, "a guidance scale in [0, 100]"),
+                            "lora_alpha": (lambda v: v > 0, "> 0"), "seed": (lambda v: v >= 0, ">= 0")})
         check_drm_fits_base(self.drm, self.base)
         check_out_dir(self, RESUMABLE)
 
@@ -229,13 +236,23 @@ def bank_conditioning(bank, device):
 
 def drm_reward(drm, cond, x: torch.Tensor, sigma) -> torch.Tensor:
     """DRM scores [B] of latents x [B, ...] at noise level sigma, row b scored against cond's prompt b at its
-    own length (zero padding would change the score)."""
-    from drm.conditioning import by_context_length
+    own length (zero padding would change the score).
 
+    A DRM whose file recommends a noise level (DiNa-LRM: 0.4) scores latents below it noised forward to it,
+    as its authors score clean latents; every row gets the same noise, so rewards compare the latents.
+    """
+    from drm.conditioning import by_context_length
+    from drm.sde import renoise
+
+    level = drm.recommended_noise_sigma()
+    if level > float(sigma):
+        noise = torch.randn((1, *x.shape[1:]), generator=torch.Generator().manual_seed(0))
+        x, sigma = renoise(x, float(sigma), level, noise), level
     return by_context_length(lambda context, x, pooled: drm.score(x, sigma, context, pooled),
                              cond.context, cond.context_length, x, cond.pooled)
 
 
+@torch.no_grad()  # ComfyUI's VAE keeps requires_grad on its weights; a decode would build a graph
 def save_grid(latents: torch.Tensor, base, path: Path, columns: int) -> None:
     """A PNG grid: VAE-decoded when the base has a VAE, else ComfyUI's latent RGB preview factors."""
     from PIL import Image
@@ -291,7 +308,7 @@ def reward_curve_png(metrics_csv: Path, path: Path, title: str) -> None:
 def lora_metadata(cfg: GRPOConfig, base_name: str, iteration: int) -> dict[str, str]:
     return {"drm.base_model": base_name, "drm.lora_rank": str(cfg.lora_rank), "drm.lora_alpha": str(cfg.lora_alpha),
             "drm.algorithm": cfg.algorithm, "drm.steps": str(iteration), "drm.reward_model": Path(cfg.drm).name,
-            "drm.config": json.dumps(to_dict(cfg))}
+            "drm.config": json.dumps(shareable_dict(cfg))}
 
 
 def export_lora(lora, cfg: GRPOConfig, base_name: str, iteration: int, path: Path) -> None:
@@ -364,6 +381,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_scheduler(optimizer, cfg.warmup_steps)
     iteration, ema = load_state(out, policy.lora, optimizer, scheduler) if cfg.resume else (0, None)
+    if cfg.resume and iteration >= cfg.iterations:
+        raise ConfigError(f"iterations: the run in {cfg.out} already finished {iteration} iterations; to train on, "
+                          f"resume with --iterations above {iteration}")
     if cfg.ema and ema is None:
         ema = [p.detach().clone() for p in params]
     metrics_file = out / "metrics.csv"
@@ -456,7 +476,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             if accelerator.is_main_process:
                 append_csv(metrics_file, row, COLUMNS)
                 bar.update(1)
-                bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
+                bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.2e}")  # the on-policy loss is ~1e-7
             stopping = stop_request.agreed(accelerator)
             if iteration % cfg.save_every == 0 or stopping:
                 _save(accelerator, out, policy, ema, params, optimizer, scheduler, iteration, cfg, base.name)
@@ -471,7 +491,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         with swapped_in(params, ema):
             export_lora(policy.lora, cfg, base.name, iteration, final)
         reward_curve_png(metrics_file, out / "reward_curve.png", f"{cfg.algorithm} on {base.name}")
-        print(f"LoRA written to {final}; eval reward {last.get('eval_reward', float('nan')):.4f}")
+        also = f" (and {final.with_name(final.stem + '.peft.safetensors').name} for diffusers/peft)" if cfg.peft_export else ""
+        print(f"LoRA written to {final}{also}; eval reward {last.get('eval_reward', float('nan')):.4f}")
     return last
 
 

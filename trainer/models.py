@@ -37,6 +37,9 @@ def load_base(path: str, vae_path: str = "", clip_paths: list[str] | None = None
     """
     file = Path(path)
     tensors, metadata = _read(file, "base")
+    if any(k.startswith("reward_output.") for k in tensors) or metadata.get("drm.format"):
+        raise BaseModelError(f"base: {file.name} is a DRM (reward model) file, not a generator. Pass the SD3 / SD3.5 "
+                             "model as --base and the DRM as --drm.")
     options = {} if dtype is None else {"dtype": dtype}
     if any(k.startswith("model.diffusion_model.") for k in tensors):
         out = comfy.sd.load_state_dict_guess_config(tensors, output_vae=True, output_clip=True, metadata=metadata,
@@ -49,11 +52,19 @@ def load_base(path: str, vae_path: str = "", clip_paths: list[str] | None = None
         raise BaseModelError(f"base: {file.name} is not an SD3-family model (found {found}). "
                              "Use an SD3 / SD3.5 checkpoint or diffusion model.")
     if vae_path:
-        vae = comfy.sd.VAE(sd=_read(Path(vae_path), "vae")[0])
+        try:
+            vae = comfy.sd.VAE(sd=_read(Path(vae_path), "vae")[0])
+        except (RuntimeError, KeyError, AttributeError, TypeError) as e:  # what ComfyUI raises for a non-VAE
+            raise BaseModelError(f"vae: {Path(vae_path).name} is not a VAE ComfyUI can load ({str(e)[:120]}). "
+                                 "Pass SD3's VAE (16 latent channels).") from None
     if clip_paths:
         for p in clip_paths:
             _read(Path(p), "clip")
-        clip = comfy.sd.load_clip(clip_paths, clip_type=comfy.sd.CLIPType.SD3)
+        try:
+            clip = comfy.sd.load_clip(clip_paths, clip_type=comfy.sd.CLIPType.SD3)
+        except (RuntimeError, KeyError, AttributeError, TypeError) as e:
+            raise BaseModelError(f"clip: {', '.join(Path(p).name for p in clip_paths)} are not text encoders ComfyUI "
+                                 f"can load ({str(e)[:120]}). Pass SD3's CLIP-L, CLIP-G and T5-XXL files.") from None
     if need_encoders and (vae is None or clip is None):
         missing = " and ".join(n for n, v in (("a VAE (--vae)", vae), ("text encoders (--clip)", clip)) if v is None)
         raise BaseModelError(f"base: {file.name} has no VAE or text encoders, and image data needs them: pass {missing}.")

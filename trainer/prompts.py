@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from drm.checkpoint import atomic_save, read_safetensors
+from drm.conditioning import CONTEXT_WIDTH, POOLED_WIDTH
 
 from .config import read_utf8_text
 from .data import DatasetError, encode_prompts
@@ -72,6 +73,42 @@ def read_prompt_texts(path: str | Path) -> list[str]:
     return texts
 
 
+def _checked_bank(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> PromptBank:
+    """A pre-encoded bank, after checking every tensor's kind and shape and the texts against them."""
+    def bad(problem: str) -> DatasetError:
+        return DatasetError(f"prompts file {path.name}: {problem}. Expected context [P, T, 4096], pooled [P, 2048], "
+                            "optionally negative_context [1, T', 4096], negative_pooled [1, 2048], context_length [P] "
+                            "(1..T), and metadata `prompts`: a JSON list of P texts (PromptBank.save writes these).")
+
+    context, pooled = tensors["context"], tensors["pooled"]
+    negative_context = tensors.get("negative_context", torch.zeros(1, 1, CONTEXT_WIDTH))
+    negative_pooled = tensors.get("negative_pooled", torch.zeros(1, POOLED_WIDTH))
+    for name, t, ndim, width in (("context", context, 3, CONTEXT_WIDTH), ("pooled", pooled, 2, POOLED_WIDTH),
+                                 ("negative_context", negative_context, 3, CONTEXT_WIDTH),
+                                 ("negative_pooled", negative_pooled, 2, POOLED_WIDTH)):
+        if not t.is_floating_point() or t.ndim != ndim or t.shape[-1] != width or 0 in t.shape:
+            raise bad(f"{name} is {t.dtype} {list(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise bad(f"{name} holds NaN or infinite values")
+    if pooled.shape[0] != context.shape[0] or negative_context.shape[0] != 1 or negative_pooled.shape[0] != 1:
+        raise bad(f"context has {context.shape[0]} rows, pooled {pooled.shape[0]}, the negatives "
+                  f"{negative_context.shape[0]} and {negative_pooled.shape[0]}")
+    lengths = tensors.get("context_length")
+    if lengths is not None and (lengths.is_floating_point() or list(lengths.shape) != [context.shape[0]]
+                                or not bool(((lengths >= 1) & (lengths <= context.shape[1])).all())):
+        raise bad(f"context_length is {lengths.dtype} {list(lengths.shape)} with values outside 1..{context.shape[1]}")
+    try:
+        texts = json.loads(metadata.get("prompts", "[]"))
+    except json.JSONDecodeError as e:
+        raise bad(f"its metadata `prompts` is not JSON ({e.msg})") from None
+    if texts == []:
+        texts = [f"prompt {i}" for i in range(len(context))]
+    if not isinstance(texts, list) or len(texts) != len(context) or not all(isinstance(t, str) for t in texts):
+        raise bad(f"its metadata `prompts` is not a list of {len(context)} texts, one per context row")
+    return PromptBank(texts, context.float(), pooled.float(), negative_context.float(), negative_pooled.float(),
+                      None if lengths is None else lengths.long())
+
+
 def load_prompt_bank(path: str | Path, clip=None, cache_dir: Path | None = None,
                      text_encoder_id: str = "", t5_length: int = 77) -> PromptBank:
     """A prompt bank from a text file (encoded with `clip`, T5 padded to at least `t5_length` tokens) or a
@@ -81,13 +118,7 @@ def load_prompt_bank(path: str | Path, clip=None, cache_dir: Path | None = None,
         tensors, metadata = read_safetensors(path, "prompts file", "Check the --prompts path.")
         if not {"context", "pooled"} <= set(tensors):
             raise DatasetError(f"prompts file {path.name} lacks `context` and `pooled` tensors.")
-        context, pooled = tensors["context"].float(), tensors["pooled"].float()
-        texts = json.loads(metadata.get("prompts", "[]")) or [f"prompt {i}" for i in range(len(context))]
-        lengths = tensors.get("context_length")
-        return PromptBank(texts, context, pooled,
-                          tensors.get("negative_context", torch.zeros(1, 1, context.shape[-1])).float(),
-                          tensors.get("negative_pooled", torch.zeros(1, pooled.shape[-1])).float(),
-                          None if lengths is None else lengths.long())
+        return _checked_bank(path, tensors, metadata)
     if clip is None:
         raise DatasetError(f"prompts file {path.name} is text, and the base model has no text encoders: "
                            "pass --clip files, a full checkpoint, or a pre-encoded .safetensors prompt bank.")

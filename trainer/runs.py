@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
+import pickle
 import re
 import shutil
 import signal
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, to_dict
+from .config import ConfigError, read_utf8_text, to_dict
 
 
 def check_out_dir(cfg, resumable: set[str]) -> None:
@@ -24,6 +26,12 @@ def check_out_dir(cfg, resumable: set[str]) -> None:
     """
     out = Path(cfg.out)
     run_file = out / "run.json"
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"out: {cfg.out} cannot be a folder: {blocking} is a file. Choose another --out.")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out: cannot write into {existing} (permission denied). Choose another --out.")
     if not run_file.is_file():
         if cfg.resume:
             raise ConfigError(f"resume: {cfg.out} holds no run to resume (no run.json)")
@@ -33,7 +41,13 @@ def check_out_dir(cfg, resumable: set[str]) -> None:
             raise ConfigError(f"out: {cfg.out} already holds a run; pass --resume to continue it, "
                               "or choose another --out")
         return
-    saved = json.loads(run_file.read_text(encoding="utf-8"))
+    try:
+        saved = json.loads(read_utf8_text(run_file, "resume: run file"))
+    except json.JSONDecodeError as e:
+        saved = e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"resume: {run_file} is damaged (not the JSON settings this trainer writes); the run cannot "
+                          "be compared, so start a new --out")
     changed = sorted(k for k, v in to_dict(cfg).items() if k not in resumable and saved.get(k) != v)
     if changed:
         raise ConfigError(f"resume: the run in {cfg.out} used different settings for {changed}; "
@@ -109,7 +123,12 @@ def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, _ = read_safetensors(directory / "weights.safetensors", what="checkpoint",
                                   where="The run has no checkpoint yet: start it without --resume.")
     # Our own file, written by save_checkpoint; weights_only refuses anything but tensors and plain data.
-    return tensors, torch.load(directory / "state.pt", weights_only=True)
+    try:
+        return tensors, torch.load(directory / "state.pt", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # (not torch's advice to load with weights_only=False: that would run whatever the file holds)
+        raise ConfigError(f"resume: {directory / 'state.pt'} is damaged or not this trainer's checkpoint "
+                          f"({str(e).splitlines()[0][:120]}). Start a new --out, or resume from a copy of the run.") from None
 
 
 def warmup_scheduler(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

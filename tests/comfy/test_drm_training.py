@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def test_sigint_saves_a_resumable_checkpoint(files):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output[-2000:]
+    assert proc.returncode == 130, output[-2000:]  # stopped, not finished
     assert "Interrupted at step" in output
     step = int(output.split("Interrupted at step ")[1].split(";")[0])
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
@@ -280,15 +281,17 @@ def test_scores_that_overflow_stop_training_with_the_fix(files, tmp_path, capsys
 
 def kill_after_rows(argv: list[str], out: Path, rows: int) -> None:
     """Start `python -m trainer ...`, SIGKILL it once its metrics.csv has at least `rows` rows."""
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = out.with_name(out.name + ".log")
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=stderr)
     deadline = time.time() + 300
     try:
         while proc.poll() is None and time.time() < deadline:
             if (out / "metrics.csv").exists() and len(metrics(out)) >= rows:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before the kill"
+        assert proc.poll() is None, f"the run ended before the kill:\n{log.read_text()[-2000:]}"
     finally:
         proc.kill()
         proc.wait()
@@ -304,3 +307,24 @@ def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(files, tmp_path)
     kill_after_rows(cli(files, killed, *common), killed, kill_at)
     assert run(cli(files, killed, *common, "--resume")) == 0
     assert metrics(killed) == metrics(tmp_path / "whole"), f"killed after {kill_at} rows"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda p: setattr(p, "preferred", p.preferred[:, :4]) or setattr(p, "rejected", p.rejected[:, :4]),
+     r"latents are \[\d+, 4, 8, 8\]"),
+    (lambda p: setattr(p, "context", p.context[..., :768]), r"context is \[\d+, \d+, 768\], the base takes"),
+    (lambda p: setattr(p, "pooled", p.pooled[..., :768]), r"pooled is \[\d+, 768\], the base takes"),
+])
+def test_encoded_pairs_that_do_not_fit_the_base_are_refused_naming_what_differs(files, tmp_path, capsys, change,
+                                                                              message):
+    from trainer.data import EncodedPairs
+
+    pairs = EncodedPairs.load(files / "pairs.safetensors")
+    change(pairs)
+    pairs.save(tmp_path / "other.safetensors")
+    argv = cli(files, tmp_path / "o", "--max-steps", "2")
+    argv[argv.index("--data") + 1] = str(tmp_path / "other.safetensors")
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the base model" in err and re.search(message, err), err
+    assert not (tmp_path / "o" / "run.json").exists()

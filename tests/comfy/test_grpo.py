@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,7 +180,7 @@ def test_sigint_saves_a_resumable_checkpoint(demo, tmp_path):
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "Interrupted at iteration" in output, output[-2000:]
+    assert proc.returncode == 130 and "Interrupted at iteration" in output, output[-2000:]
     done = int(output.split("Interrupted at iteration ")[1].split(";")[0])
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["iteration"] == done
     assert run(grpo_cli(demo[0], out, "--iterations", str(done + 1), "--eval-every", "100000", "--resume")) == 0
@@ -292,3 +294,51 @@ def test_the_default_rollout_schedule_is_flow_grpos(comfyui):
         torch.testing.assert_close(ours.float(), reference.sigmas.float(), rtol=0, atol=1e-6)
     simple = schedule_sigmas(flow_model_sampling(), "simple", 10)
     assert abs(float(simple[-2]) - 0.25) < 1e-6  # the old default: its last, deterministic jump never trained
+
+
+def test_an_imported_dina_drm_gives_the_rewards(demo, tmp_path):
+    """`trainer grpo --drm` with a DiNa-LRM file made by import-dina for the demo's base (depth 2: one block)."""
+    from drm.checkpoint import read_safetensors
+    from trainer.import_dina import import_dina
+    from trainer.synthetic import tiny_dina_snapshot
+
+    base = read_safetensors(demo[0] / "models" / "tiny-sd35.safetensors")[0]
+    import_dina(tiny_dina_snapshot(tmp_path / "snap", base), tmp_path / "dina.safetensors")
+    argv = grpo_cli(demo[0], tmp_path / "run", "--iterations", "2", "--t5-length", "128")
+    argv[argv.index("--drm") + 1] = str(tmp_path / "dina.safetensors")
+    assert run(argv) == 0
+    rewards = [float(r["reward"]) for r in metrics(tmp_path / "run") if r["reward"]]
+    assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards), rewards
+
+
+def test_eval_grids_decode_with_a_vae(demo, tmp_path):
+    """With --vae the eval grids are decoded images (ComfyUI's VAE keeps requires_grad on its weights)."""
+    from PIL import Image
+
+    argv = grpo_cli(demo[0], tmp_path / "run", "--iterations", "1", "--vae", str(demo[0] / "models" / "tiny-vae.safetensors"))
+    assert run(argv) == 0
+    grid = Image.open(tmp_path / "run" / "eval" / "step0001.png")
+    assert grid.size[1] == 64  # one row of decoded 64 px images, not 8x-upscaled latent previews of another size
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda t, m: t.update(context=t["context"][..., :768]), r"context is torch.float32 \[4, 8, 768\]"),
+    (lambda t, m: t.update(pooled=t["pooled"][:2]), "context has 4 rows, pooled 2"),
+    (lambda t, m: t.update(context=t["context"] * float("nan")), "context holds NaN"),
+    (lambda t, m: t.update(context_length=torch.tensor([0, 8, 8, 8])), "context_length"),
+    (lambda t, m: m.update(prompts='["only one"]'), "not a list of 4 texts"),
+    (lambda t, m: m.update(prompts="not json"), "metadata `prompts` is not JSON"),
+])
+def test_a_pre_encoded_prompt_bank_that_does_not_fit_is_refused_before_any_output(demo, tmp_path, capsys, change,
+                                                                                  message):
+    from drm.checkpoint import atomic_save, read_safetensors
+
+    tensors, metadata = read_safetensors(demo[0] / "data" / "prompts.safetensors")
+    change(tensors, metadata)
+    atomic_save(tensors, tmp_path / "bank.safetensors", metadata)
+    argv = grpo_cli(demo[0], tmp_path / "o", "--iterations", "1")
+    argv[argv.index("--prompts") + 1] = str(tmp_path / "bank.safetensors")
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "prompts file bank.safetensors" in err and re.search(message, err), err
+    assert not (tmp_path / "o" / "run.json").exists()

@@ -163,3 +163,13 @@ def test_exif_orientation_is_applied_to_high_depth_images(tmp_path):
     path = write(tmp_path, image, ".png", {"exif": exif})
     loaded = load_image(path, SIZE)
     assert torch.equal(loaded[:8], torch.zeros(8, SIZE, 3)) and torch.equal(loaded[8:], torch.ones(8, SIZE, 3))
+
+
+def test_a_very_thin_image_is_refused_instead_of_resized_to_millions_of_pixels(tmp_path):
+    from PIL import Image
+
+    from trainer.data import UnreadableImage, load_image
+
+    Image.new("RGB", (2, 10000), "red").save(tmp_path / "thin.png")
+    with pytest.raises(UnreadableImage, match=r"thin.png is 2x10000 pixels, more than 8:1"):
+        load_image(tmp_path / "thin.png", 512)

@@ -33,6 +33,20 @@ def test_readme_toml_is_complete_and_typed(name, cls):
     cls(**{k: _convert(k, kinds[k], v) for k, v in values.items()})  # raises ConfigError on a mistyped value
 
 
+@pytest.mark.parametrize("name, cls", [("drm.toml", DRMTrainConfig), ("grpo.toml", GRPOConfig)])
+def test_readme_toml_marks_every_value_that_is_not_the_default(name, cls):
+    """The blocks say they hold the defaults; a value that is not one is marked "example" on its line
+    (required paths, empty by default, need no mark)."""
+    block = re.search(rf"```toml\n# {name}:.*?\n(.*?)```", README, re.S).group(1)
+    lines = {line.split("=")[0].strip(): line for line in block.splitlines() if re.match(r"\w+ *=", line)}
+    kinds, defaults = _field_types(cls), cls()
+    unmarked = [f"{key} = {value!r} (default {getattr(defaults, key)!r})"
+                for key, value in readme_toml(name).items()
+                if _convert(key, kinds[key], value) != getattr(defaults, key) and getattr(defaults, key) != ""
+                and "example" not in lines[key]]
+    assert not unmarked, unmarked
+
+
 def test_every_picture_the_readme_shows_exists():
     pictures = re.findall(r'(?:\]\(|src=")(docs/images/[^)"]+)', README)
     assert len(pictures) >= 10

@@ -123,3 +123,39 @@ def test_a_stopped_demo_stage_stops_the_demo_saying_where(tmp_path):
                                              r"again to start over"):
         stage("2 (Step-GRPO)", interrupted, SimpleNamespace(out=str(tmp_path / "grpo")))
     assert stage("1", lambda cfg: {"acc": 1.0}, None) == {"acc": 1.0}
+
+
+def test_metadata_configs_keep_file_names_not_local_folders():
+    from trainer.config import shareable_dict
+    from trainer.grpo_train import GRPOConfig
+
+    cfg = GRPOConfig(base="/home/me/models/sd3.5_medium.safetensors", drm="C:\\Users\\me\\drm.safetensors",
+                     prompts="prompts.txt", out="/home/me/runs/grpo")
+    shared = shareable_dict(cfg)
+    assert (shared["base"], shared["drm"], shared["prompts"], shared["out"]) == (
+        "sd3.5_medium.safetensors", "drm.safetensors", "prompts.txt", "grpo")
+    assert shared["lr"] == cfg.lr
+
+
+def test_an_out_that_is_a_file_or_under_one_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(ConfigError, match=r"out: .* cannot be a folder: .*f is a file"):
+            check_out_dir(Run(str(out)), RESUMABLE)
+
+
+@pytest.mark.parametrize("content", [b"{broken", b"\xff\xfe[1, 2]", b"[1, 2]"])
+def test_a_damaged_run_file_is_refused_on_resume(tmp_path, content):
+    write_run_file(Run(str(tmp_path)))
+    saved(tmp_path, 1)
+    (tmp_path / "run.json").write_bytes(content)
+    with pytest.raises(ConfigError, match="run.json"):
+        check_out_dir(Run(str(tmp_path), resume=True), RESUMABLE)
+
+
+def test_a_damaged_checkpoint_state_is_refused_without_advising_to_unpickle(tmp_path):
+    saved(tmp_path, 1)
+    (tmp_path / "checkpoint" / "state.pt").write_bytes(b"not a torch file at all")
+    with pytest.raises(ConfigError, match="state.pt is damaged") as caught:
+        load_checkpoint(tmp_path)
+    assert "weights_only=False" not in str(caught.value)

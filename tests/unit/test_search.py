@@ -184,9 +184,9 @@ def test_callback_sees_the_original_batch_and_interrupt_runs_before_each_call():
         ({"mode": "best-of-n"}, "mode"),
         ({"beam_width": 0}, "beam_width"),
         ({"temperature": 0.0}, "temperature"),
-        ({"window": (-1, None)}, "window"),
-        ({"window": (6, 3)}, "window"),
-        ({"window": (0, 11)}, "window"),
+        ({"window": (-1, None)}, "window_start and window_end"),
+        ({"window": (6, 3)}, "window_start and window_end"),
+        ({"window": (0, 11)}, "window_start and window_end"),
         ({"reward_fn": lambda c, s, p: torch.zeros(2)}, "reward_fn"),
     ],
 )

@@ -165,9 +165,9 @@ def test_conditioning_whose_prompt_metadata_is_not_utf8_says_so(tmp_path, encodi
 
 def test_conditioning_with_utf8_prompt_metadata_loads_and_a_cut_file_is_still_called_truncated(tmp_path):
     path = tmp_path / "cond.safetensors"
-    save_conditioning(path, torch.ones(1, 3, 8), torch.ones(1, 4), prompt=PROMPT)
+    save_conditioning(path, torch.ones(1, 3, 4096), torch.ones(1, 2048), prompt=PROMPT)
     ((context, extra),) = load_conditioning(path)
-    assert torch.equal(context, torch.ones(1, 3, 8)) and torch.equal(extra["pooled_output"], torch.ones(1, 4))
+    assert torch.equal(context, torch.ones(1, 3, 4096)) and torch.equal(extra["pooled_output"], torch.ones(1, 2048))
     # cut inside the prompt's first character: an incomplete header, not a wrong encoding
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:data.index(PROMPT.encode()) + 1])
@@ -235,3 +235,31 @@ def test_grpo_with_a_gbk_config_exits_2_naming_it(grpo_files, tmp_path, capsys):
     code, err = run_cli(["grpo", "--config", str(path)], capsys)
     assert code == 2 and err.startswith(f"error: config: file {path} is not UTF-8: "), err
     assert_explains(err, path, offset, line=len(grpo_files) + 1)
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("lr = nan", "lr: expected a finite number"),
+    ("grad_clip = inf", "grad_clip: expected a finite number"),
+    ("max_steps = true", "max_steps: expected int, got True"),
+    ("lr = true", "lr: expected float, got True"),
+    ('out = ["a", "b"]', "out: expected str"),
+    ("data = {x = 1}", "data: expected str"),
+    ("seed = 99999999999999999999999", "seed: .* too large"),
+    ("lr = -1", r"lr: expected > 0"),
+    ("head_dropout = 2", r"head_dropout: expected a probability in \[0, 1\)"),
+    ("weight_decay = -1", "weight_decay: expected >= 0"),
+])
+def test_config_values_of_the_wrong_kind_or_range_are_refused_by_name(tmp_path, line, message):
+    """TOML gives typed values: each must be the field's kind, finite and in range, or the run is refused."""
+    from trainer.drm_train import DRMTrainConfig
+
+    (tmp_path / "base.safetensors").write_bytes(b"x")
+    (tmp_path / "pairs.json").write_text("[]", encoding="utf-8")
+    lines = {"base": f'base = "{tmp_path / "base.safetensors"}"', "data": f'data = "{tmp_path / "pairs.json"}"',
+             "out": f'out = "{tmp_path / "out"}"'}
+    lines[line.split("=")[0].strip()] = line
+    config = tmp_path / "drm.toml"
+    config.write_text("\n".join(lines.values()) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        load_config(DRMTrainConfig, argparse.Namespace(config=str(config)))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "['a', 'b']").exists()
