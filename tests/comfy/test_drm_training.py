@@ -310,10 +310,11 @@ def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(files, tmp_path)
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda p: setattr(p, "preferred", p.preferred[:, :4]) or setattr(p, "rejected", p.rejected[:, :4]),
+    (lambda p: setattr(p, "preferred", p.preferred[:, :4].contiguous())
+     or setattr(p, "rejected", p.rejected[:, :4].contiguous()),
      r"latents are \[\d+, 4, 8, 8\]"),
-    (lambda p: setattr(p, "context", p.context[..., :768]), r"context is \[\d+, \d+, 768\], the base takes"),
-    (lambda p: setattr(p, "pooled", p.pooled[..., :768]), r"pooled is \[\d+, 768\], the base takes"),
+    (lambda p: setattr(p, "context", p.context[..., :768].contiguous()), r"context is \[\d+, \d+, 768\], the base takes"),
+    (lambda p: setattr(p, "pooled", p.pooled[..., :768].contiguous()), r"pooled is \[\d+, 768\], the base takes"),
 ])
 def test_encoded_pairs_that_do_not_fit_the_base_are_refused_naming_what_differs(files, tmp_path, capsys, change,
                                                                               message):

@@ -312,18 +312,19 @@ def test_an_imported_dina_drm_gives_the_rewards(demo, tmp_path):
 
 
 def test_eval_grids_decode_with_a_vae(demo, tmp_path):
-    """With --vae the eval grids are decoded images (ComfyUI's VAE keeps requires_grad on its weights)."""
+    """With --vae the eval grids are VAE-decoded (ComfyUI's VAE keeps requires_grad on its weights, which
+    made the decode build a graph and the grid's numpy() fail)."""
     from PIL import Image
 
     argv = grpo_cli(demo[0], tmp_path / "run", "--iterations", "1", "--vae", str(demo[0] / "models" / "tiny-vae.safetensors"))
     assert run(argv) == 0
     grid = Image.open(tmp_path / "run" / "eval" / "step0001.png")
-    assert grid.size[1] == 64  # one row of decoded 64 px images, not 8x-upscaled latent previews of another size
+    assert grid.size == (4 * 64, 2 * 64)  # 4 eval prompts x 2 seeds, 64 px each
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda t, m: t.update(context=t["context"][..., :768]), r"context is torch.float32 \[4, 8, 768\]"),
-    (lambda t, m: t.update(pooled=t["pooled"][:2]), "context has 4 rows, pooled 2"),
+    (lambda t, m: t.update(context=t["context"][..., :768].contiguous()), r"context is torch.float32 \[4, 8, 768\]"),
+    (lambda t, m: t.update(pooled=t["pooled"][:2].contiguous()), "context has 4 rows, pooled 2"),
     (lambda t, m: t.update(context=t["context"] * float("nan")), "context holds NaN"),
     (lambda t, m: t.update(context_length=torch.tensor([0, 8, 8, 8])), "context_length"),
     (lambda t, m: m.update(prompts='["only one"]'), "not a list of 4 texts"),
