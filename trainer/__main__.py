@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -68,7 +70,7 @@ def _run(argv: list[str] | None) -> int:
     except ComfyUIUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .runs import RunInterrupted
+    from .runs import RunInterrupted, out_lock
 
     if args.command == "demo":
         from .demo import run_demo
@@ -89,9 +91,17 @@ def _run(argv: list[str] | None) -> int:
         from .grpo_train import train_grpo
 
         try:
-            (train_drm if args.command == "drm" else train_grpo)(config)
+            # one lock per run: under torchrun / accelerate only rank 0 takes it (the ranks share `out`)
+            with out_lock(config.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+                (train_drm if args.command == "drm" else train_grpo)(config)
         except ValueError as e:  # bad data or models: a clear message, nothing half-written
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
+                raise
+            print(f"error: out of memory ({str(e).splitlines()[0][:160]}). Lower batch_size or resolution (or, for "
+                  "grpo, group / branches); with --resume the run continues from its last checkpoint.", file=sys.stderr)
             return 2
         except RunInterrupted:  # its message is printed; the checkpoint makes --resume continue exactly
             return 130  # not 0: a script running `drm ... && grpo ...` must not go on as if training finished

@@ -178,3 +178,37 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def out_lock(out: str | os.PathLike) -> Iterator[None]:
+    """While active, this process holds an OS lock on `out`/.lock: a second command writing into the same
+    folder at the same time is refused instead of corrupting its checkpoint. The OS drops the lock when a
+    process dies, so a killed run leaves none behind; the lock file (and `out`, if still empty) goes at the end.
+    """
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock_path = out / ".lock"
+    handle = open(lock_path, "a+b")
+    try:
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"out: another run is writing into {out} right now; wait for it to finish, or choose "
+                              "another --out") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+    finally:
+        handle.close()

@@ -14,6 +14,7 @@ from trainer.config import ConfigError
 from trainer.runs import (
     check_out_dir,
     load_checkpoint,
+    out_lock,
     remove_files_after,
     rewind_metrics,
     save_checkpoint,
@@ -159,3 +160,33 @@ def test_a_damaged_checkpoint_state_is_refused_without_advising_to_unpickle(tmp_
     with pytest.raises(ConfigError, match="state.pt is damaged") as caught:
         load_checkpoint(tmp_path)
     assert "weights_only=False" not in str(caught.value)
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "run"
+    with out_lock(out):
+        (out / "metrics.csv").write_text("step\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match="another run is writing into"):
+            with out_lock(out):
+                pass
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv"]  # the lock file is gone
+    with out_lock(out):  # free again
+        pass
+    with out_lock(tmp_path / "unused"):
+        pass
+    assert not (tmp_path / "unused").exists()  # a folder made only for the lock is removed
+
+
+def test_running_out_of_memory_is_one_line_with_the_fix(monkeypatch, capsys):
+    import trainer.drm_train
+    from trainer import __main__ as cli
+
+    def no_memory(cfg):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(trainer.drm_train, "train_drm", no_memory)
+    monkeypatch.setattr(cli, "load_config", lambda cls, args: type("Cfg", (), {"out": str(args.out)})())
+    monkeypatch.setattr("drm.host.import_comfy", lambda path=None: None)
+    assert cli.main(["drm", "--out", "/tmp/never-written-by-this-test"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory") and "Lower batch_size" in err and "Traceback" not in err
