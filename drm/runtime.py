@@ -239,7 +239,7 @@ class LoadedDRM:
         for draw in range(draws):
             level, noisy = sigma, x
             if noise_sigma > sigma:
-                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + draw))
+                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed((seed + draw) % 2**64))
                 level, noisy = noise_sigma, renoise(x, sigma, noise_sigma, noise)
             for start in range(0, x.shape[0], chunk):
                 end = start + chunk

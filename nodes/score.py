@@ -1,5 +1,7 @@
 """DRM Score Latent and DRM Score Image: score every item of a batch, anywhere in a graph, and select."""
 
+import math
+
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
@@ -68,6 +70,8 @@ def select(scores: torch.Tensor, top_k: int, threshold: float) -> tuple[torch.Te
 
     Raises ValueError when no item reaches the threshold, rather than pass an empty batch on.
     """
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN; expected a number (-10000 keeps every item).")
     order = scores.argsort(descending=True)
     passing = order[scores[order] >= threshold]
     if len(passing) == 0:
@@ -152,6 +156,11 @@ class DRMScoreImage(io.ComfyNode):
     @classmethod
     def execute(cls, drm, image, vae, positive, noise_sigma=-1.0, noise_draws=1, seed=0, top_k=0,
                 threshold=NO_THRESHOLD) -> io.NodeOutput:
+        if image.ndim != 4 or image.shape[-1] < 3 or min(image.shape[1:3]) < 8:
+            raise ValueError(f"image is {list(image.shape)}; expected an IMAGE batch [B, H, W, 3 or 4] of at least 8x8 "
+                             "pixels (the VAE works on 8x8 blocks). Connect a Load Image or VAE Decode output.")
+        if not torch.isfinite(image).all():
+            raise ValueError("image holds NaN or infinite pixel values; check the node that made it.")
         samples = vae.encode(image[:, :, :, :3])
         scores, summary, kept, rejected = score_and_select(drm, samples, 0.0, positive, noise_sigma, noise_draws,
                                                            seed, top_k, threshold, for_images=True)

@@ -119,6 +119,9 @@ def _import_dina(snapshot: str, out: str) -> int:
     except SnapshotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out cannot be written: its folder is a file, it is a folder, no permission
+        print(f"error: --out {out} cannot be written ({e.strerror or e}); choose another path.", file=sys.stderr)
+        return 2
     print(f"Wrote {out}: a DiNa-LRM DRM keeping {metadata['drm.blocks']} blocks (adapter format: connect the SD3.5-Medium "
           f"MODEL to DRM Loader). Scores are raw, higher is better; DRM Score Latent noises clean latents to sigma "
           f"{metadata['drm.noise_sigma']} first, DRM Score Image to {metadata['drm.noise_sigma_image']}.")

@@ -18,6 +18,7 @@ the head's configuration plus the authors' scoring protocol in the metadata. Nee
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from pathlib import Path
@@ -35,6 +36,7 @@ from .config import read_utf8_text
 NOISE_SIGMA_GENERATED = 0.4
 NOISE_SIGMA_IMAGE = 0.1
 T5_LENGTH = 128
+MAX_BLOCKS = 38  # SD3.5-Large; SD3.5-Medium has 24
 HEAD_OPTIONS = {"width", "out_dim", "num_queries", "num_attn_heads", "dropout", "use_proj_in"}
 # diffusers attention layer -> (ComfyUI layer, slot in a fused qkv or None)
 LAYERS = {
@@ -113,8 +115,12 @@ def _model_config(path: Path) -> dict:
     if not re.search(r"stable-diffusion-3(\.5)?-(medium|large)", backbone.lower()):
         raise SnapshotError(f"{path}: model.backbone_model_id = {backbone!r}; only SD3 / SD3.5 backbones can run in "
                             "this pack (Flux, Z-Image and Qwen-Image DiNa-LRM models cannot).")
-    need("num_transformer_layers", lambda v: isinstance(v, int) and v >= 1, "a block count >= 1")
+    need("num_transformer_layers", lambda v: _is_int(v) and 1 <= v <= MAX_BLOCKS,
+         f"a block count in 1..{MAX_BLOCKS} (SD3.5-Large has {MAX_BLOCKS} blocks)")
     need("use_lora", lambda v: v is True, "true (a LoRA checkpoint; a full fine-tune is not a DiNa-LRM release)")
+    for flag in ("freeze_backbone", "use_logistic", "use_text_features"):
+        if flag in model:
+            need(flag, lambda v: isinstance(v, bool), "true or false (a JSON boolean)")
     if model.get("freeze_backbone", False):
         raise SnapshotError(f"{path}: model.freeze_backbone = true (a head-only checkpoint); this importer supports "
                             "the LoRA release layout.")
@@ -123,7 +129,7 @@ def _model_config(path: Path) -> dict:
                             "the snapshot cannot be scored as trained.")
     blocks = model["num_transformer_layers"]
     for field in ("visual_head_idx", "text_head_idx"):
-        taps = need(field, lambda v: isinstance(v, list) and all(isinstance(i, int) for i in v), "a list of block counts")
+        taps = need(field, lambda v: isinstance(v, list) and all(_is_int(i) for i in v), "a list of block counts")
         if (field == "visual_head_idx" and not taps) or taps != sorted(set(taps)) or any(not 0 <= i <= blocks for i in taps):
             raise SnapshotError(f"{path}: model.{field} = {taps}; expected increasing block counts in 0..{blocks} "
                                 "(0 is the embedded input), at least one for the image stream.")
@@ -135,9 +141,22 @@ def _model_config(path: Path) -> dict:
     if unknown:
         raise SnapshotError(f"{path}: model.reward_head has options this importer does not know: {unknown} "
                             f"(known: {sorted(HEAD_OPTIONS)}).")
-    if head.get("out_dim", 1) != 1:
-        raise SnapshotError(f"{path}: model.reward_head.out_dim = {head['out_dim']}; a DRM gives one score (out_dim 1).")
+    rules = {"width": (lambda v: v is None or (_is_int(v) and (v == -1 or v > 0)), "a positive width, or -1"),
+             "out_dim": (lambda v: _is_int(v) and v == 1, "1 (a DRM gives one score)"),
+             "num_queries": (lambda v: _is_int(v) and v >= 1, "a query count >= 1"),
+             "num_attn_heads": (lambda v: _is_int(v) and v >= 1, "a head count >= 1"),
+             "dropout": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1,
+                         "a probability in [0, 1)"),
+             "use_proj_in": (lambda v: isinstance(v, bool), "true or false (a JSON boolean)")}
+    for field, (ok, expected) in rules.items():
+        if field in head and not ok(head[field]):
+            raise SnapshotError(f"{path}: model.reward_head.{field} = {head[field]!r}; this importer supports {expected}.")
     return model
+
+
+def _is_int(value) -> bool:
+    """A JSON integer (true and false are not numbers here, although Python counts them as ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _lora_scale(path: Path) -> float:
@@ -153,8 +172,10 @@ def _lora_scale(path: Path) -> float:
         if config.get(field) not in (None, plain):
             raise SnapshotError(f"{path}: {field} = {config[field]!r}; this importer supports only {plain!r}.")
     r, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
-        raise SnapshotError(f"{path}: r = {r!r}, lora_alpha = {alpha!r}; expected a positive integer and a number.")
+    if not _is_int(r) or r < 1 or not isinstance(alpha, int | float) or isinstance(alpha, bool) \
+            or not math.isfinite(alpha) or alpha <= 0:
+        raise SnapshotError(f"{path}: r = {r!r}, lora_alpha = {alpha!r}; expected a positive integer and a positive "
+                            "finite number.")
     return alpha / r
 
 
@@ -171,16 +192,24 @@ def _comfy_lora(path: Path, scale: float, blocks: int) -> dict[str, torch.Tensor
         match = LORA_KEY.match(key)
         if match is None:
             raise SnapshotError(f"{path}: tensor {key!r} is not a LoRA on an SD3 attention layer this importer knows.")
+        if not tensor.is_floating_point() or tensor.ndim != 2 or not torch.isfinite(tensor).all():
+            raise SnapshotError(f"{path}: tensor {key!r} is {tensor.dtype} {list(tensor.shape)}"
+                                f"{'' if torch.isfinite(tensor.float()).all() else ' with NaN or infinite values'}; "
+                                "a LoRA weight is a 2-D matrix of finite floats.")
         block, attn, layer, ab = int(match[1]), match[2], match[3], match[4]
         if block >= blocks:
             raise SnapshotError(f"{path}: tensor {key!r} is in block {block}, but config.json keeps {blocks} blocks.")
         target, slot = LAYERS[(attn, layer)]
         parts.setdefault(f"joint_blocks.{block}.{target}", {}).setdefault(slot, {})[ab] = tensor.float()
     out = {}
+    width = next(iter(peft.values())).shape[1] if peft else 0  # SD3 attention layers are all width x width
     for target, slots in parts.items():
         for slot, pair in slots.items():
             if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
                 raise SnapshotError(f"{path}: the LoRA on {target} (slot {slot}) lacks lora_A or lora_B, or their ranks differ.")
+            if pair["A"].shape[1] != width or pair["B"].shape[0] != width:
+                raise SnapshotError(f"{path}: the LoRA on {target} (slot {slot}) is {pair['B'].shape[0]}x"
+                                    f"{pair['A'].shape[1]}, but the others are {width}x{width}: not one SD3 model.")
         if None in slots:  # a plain layer
             down, up = slots[None]["A"], slots[None]["B"]
         else:  # q, k, v adapters side by side: down stacks them, up is block-diagonal over the fused output
@@ -209,6 +238,11 @@ def _head_config(model: dict, token_dim: int) -> dict:
             "num_attn_heads": head.get("num_attn_heads", 8), "use_proj_in": bool(head.get("use_proj_in", False))}
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else f"{type(error).__name__}, e.g. an empty file"
+
+
 def _head_state_dict(path: Path, head_config: dict, token_dim: int) -> dict[str, torch.Tensor]:
     """rm_head.pt's tensors, read without running pickled code and checked against the head's shapes."""
     if not path.is_file():
@@ -216,12 +250,17 @@ def _head_state_dict(path: Path, head_config: dict, token_dim: int) -> dict[str,
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise SnapshotError(f"{path} needs full unpickling, which can run code; only a plain state dict of tensors is "
-                            f"read (torch.load weights_only=True refused it: {str(e).splitlines()[0]}).") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise SnapshotError(f"{path} is not a readable torch file ({str(e).splitlines()[0]}); download it again.") from None
+        if "Weights only load failed" in str(e):  # a real pickle holding objects other than tensors
+            raise SnapshotError(f"{path} needs full unpickling, which can run code; only a plain state dict of tensors "
+                                "is read (torch.load with weights_only=True refused it).") from None
+        raise SnapshotError(f"{path} is not a readable torch file ({_first_line(e)}); download it again.") from None
+    except Exception as e:  # torch's unpickler raises many kinds on bytes that are not a torch file
+        raise SnapshotError(f"{path} is not a readable torch file ({_first_line(e)}); download it again.") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SnapshotError(f"{path} is not a state dict of tensors.")
+    bad = [k for k, v in state.items() if not v.is_floating_point() or not torch.isfinite(v).all()]
+    if bad:
+        raise SnapshotError(f"{path}: {bad[:3]} are not finite float tensors (NaN, infinite or integer values).")
     try:
         template = DiNaHead(token_dim=token_dim, cond_dim=token_dim, **head_config, device="meta")
     except ValueError as e:

@@ -296,3 +296,21 @@ def test_a_batch_that_does_not_fit_in_memory_is_scored_in_halves(nodes_mod, drm,
     scores, _, _ = score(nodes_mod, drm, latent, prompts[0])
     assert scores == pytest.approx(expected, abs=1e-5)
     assert sizes == [5, 2, 3, 1, 2]
+
+
+def test_odd_protocol_values_are_named_or_handled(nodes_mod, drm, prompts):
+    from trainer.synthetic import tiny_vae
+
+    latent = {"samples": torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(3))}
+    args = dict(position="sigma", sigma=0.0, steps=20, scheduler="simple", step=20)
+    execute = nodes_mod.score.DRMScoreLatent.execute
+    # the widget's largest seed, plus draws: the seeds wrap around instead of overflowing
+    scores = execute(drm, latent, prompts[0], **args, noise_sigma=0.3, noise_draws=2, seed=0xFFFFFFFFFFFFFFFF).args[0]
+    assert all(torch.isfinite(torch.tensor(scores)))
+    with pytest.raises(ValueError, match="threshold is NaN"):
+        execute(drm, latent, prompts[0], **args, threshold=float("nan"))
+    vae = tiny_vae()
+    for image, message in ((torch.rand(2, 1, 1, 3), "at least 8x8"), (torch.rand(2, 16, 16, 1), r"\[B, H, W, 3 or 4\]"),
+                           (torch.full((1, 16, 16, 3), float("nan")), "NaN or infinite pixel")):
+        with pytest.raises(ValueError, match=message):
+            nodes_mod.score.DRMScoreImage.execute(drm, image, vae, prompts[0])

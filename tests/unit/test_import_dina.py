@@ -96,7 +96,43 @@ BAD_SNAPSHOTS = {
         (k, torch.zeros(3)) for k in torch.load(s / "checkpoint" / "rm_head.pt", weights_only=True)),
         s / "checkpoint" / "rm_head.pt"), "does not fit"),
     "config not UTF-8": (lambda s: (s / "config.json").write_bytes('{"model": "\u4e2d"}'.encode("gbk")), "not UTF-8"),
+    "empty head file": (lambda s: (s / "checkpoint" / "rm_head.pt").write_bytes(b""), "not a readable torch file"),
+    "junk head file": (lambda s: (s / "checkpoint" / "rm_head.pt").write_bytes(b"junk bytes"), "not a readable torch file"),
+    "NaN in the head": (lambda s: nan_head(s), "not finite float tensors"),
+    "head width a string": (lambda s: edit_config(s, reward_head={"width": "abc"}), "reward_head.width = 'abc'"),
+    "zero attention heads": (lambda s: edit_config(s, reward_head={"num_attn_heads": 0}), "num_attn_heads = 0"),
+    "proj_in as a string": (lambda s: edit_config(s, reward_head={"use_proj_in": "false"}), "use_proj_in = 'false'"),
+    "blocks as true": (lambda s: edit_config(s, num_transformer_layers=True), "num_transformer_layers = True"),
+    "flag as a string": (lambda s: edit_config(s, use_text_features="false"), "use_text_features = 'false'"),
+    "NaN alpha": (lambda s: edit_lora_config(s, lora_alpha=float("nan")), "lora_alpha = nan"),
+    "NaN in the LoRA": (lambda s: edit_lora(s, "attn.to_q.lora_A.weight", lambda t: t * float("nan")), "NaN or infinite"),
+    "1-D LoRA weight": (lambda s: edit_lora(s, "attn.to_out.0.lora_B.weight", lambda t: t[:, 0]), "2-D matrix"),
+    "LoRA of another width": (lambda s: edit_lora(s, "attn.to_k.lora_A.weight", lambda t: t[:, :32]), "not one SD3 model"),
 }
+
+
+def nan_head(snapshot):
+    path = snapshot / "checkpoint" / "rm_head.pt"
+    state = torch.load(path, weights_only=True)
+    state["head.bias"] = state["head.bias"] * float("nan")
+    torch.save(state, path)
+
+
+def edit_lora_config(snapshot, **changes):
+    path = snapshot / "checkpoint" / "backbone_lora" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def edit_lora(snapshot, layer: str, change):
+    from safetensors.torch import save_file
+
+    path = snapshot / "checkpoint" / "backbone_lora" / "adapter_model.safetensors"
+    tensors = read_safetensors(path)[0]
+    key = f"base_model.model.transformer_blocks.0.{layer}"
+    tensors[key] = change(tensors[key]).contiguous()
+    save_file(tensors, str(path))
 
 
 @pytest.mark.parametrize("case", list(BAD_SNAPSHOTS))
@@ -112,6 +148,15 @@ def test_bad_snapshots_are_refused_and_nothing_is_written(snapshot, tmp_path, ca
     assert message in capsys.readouterr().err
     assert out.read_bytes() == b"an earlier file"
     assert [p.name for p in out.parent.iterdir()] == ["dina.safetensors"]
+
+
+def test_an_out_that_cannot_be_written_is_one_error_line(snapshot, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder.safetensors").mkdir()
+    for out in (tmp_path / "a-file" / "dina.safetensors", tmp_path / "a-folder.safetensors"):
+        assert main(["import-dina", str(snapshot), "--out", str(out)]) == 2
+        assert "cannot be written" in capsys.readouterr().err
+    assert not list((tmp_path / "a-folder.safetensors").iterdir())
 
 
 def test_not_a_folder_and_wrong_suffix(tmp_path, capsys):
