@@ -90,7 +90,7 @@ class LoadedDRM:
         self.check_text_length(context)
         return _to_batch(context, batch, "conditioning"), _to_batch(pooled, batch, "pooled conditioning")
 
-    def check_text_length(self, context: torch.Tensor, what: str = "positive conditioning") -> None:
+    def check_text_length(self, context: torch.Tensor, what: str = "positive conditioning", fix: str | None = None) -> None:
         """Refuse a prompt encoded with fewer T5 tokens than the DRM was trained with (its file's drm.t5_length).
 
         SD3's context is CLIP's 77 tokens followed by T5's, padded to a minimum length; a DRM trained
@@ -103,8 +103,8 @@ class LoadedDRM:
         if trained and context.shape[-2] < CLIP_TOKENS + int(trained):
             raise ValueError(f"{what} has {context.shape[-2]} tokens, but DRM {self.name} was trained on prompts whose "
                              f"T5 part was padded to {trained} tokens ({CLIP_TOKENS + int(trained)} with CLIP's "
-                             f"{CLIP_TOKENS}). Pass the CLIP through ComfyUI's T5TokenizerOptions node with min_length "
-                             f"{trained} before encoding the prompt.")
+                             f"{CLIP_TOKENS}). " + (fix or f"Pass the CLIP through ComfyUI's T5TokenizerOptions node "
+                                                     f"with min_length {trained} before encoding the prompt."))
 
     # ---- scoring ----
 

@@ -372,6 +372,12 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     eval_bank = (load_prompt_bank(cfg.eval_prompts, base.clip, cache, base.text_encoder_id, cfg.t5_length)
                  if cfg.eval_prompts else bank.rows(list(range(min(4, len(bank))))))
     drm = load_drm(cfg.drm, weight_dtype=torch.float32 if device.type == "cpu" else None, base_model=base.model)
+    for name, prompts in ((cfg.prompts, bank), (cfg.eval_prompts or cfg.prompts, eval_bank)):
+        # the reward model sees prompts padded as in its training (drm.t5_length), or the run is refused
+        shortest = prompts.context.shape[1] if prompts.context_length is None else int(prompts.context_length.min())
+        drm.check_text_length(prompts.context[:, :shortest], f"prompts {Path(name).name}",
+                              fix=f"Pass --t5-length {drm.metadata.get('drm.t5_length')} (text prompts), or a bank "
+                                  "encoded with T5 padded that far.")
     policy = Policy(base.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp, device, cfg.seed)
     comfy.model_management.load_models_gpu([base.model, drm.patcher])
     sigmas = schedule_sigmas(base.model.get_model_object("model_sampling"), cfg.scheduler, cfg.steps)

@@ -296,16 +296,25 @@ def test_the_default_rollout_schedule_is_flow_grpos(comfyui):
     assert abs(float(simple[-2]) - 0.25) < 1e-6  # the old default: its last, deterministic jump never trained
 
 
-def test_an_imported_dina_drm_gives_the_rewards(demo, tmp_path):
+def test_an_imported_dina_drm_gives_the_rewards(demo, tmp_path, capsys):
     """`trainer grpo --drm` with a DiNa-LRM file made by import-dina for the demo's base (depth 2: one block)."""
     from drm.checkpoint import read_safetensors
     from trainer.import_dina import import_dina
+    from trainer.prompts import PromptBank
     from trainer.synthetic import tiny_dina_snapshot
 
     base = read_safetensors(demo[0] / "models" / "tiny-sd35.safetensors")[0]
     import_dina(tiny_dina_snapshot(tmp_path / "snap", base), tmp_path / "dina.safetensors")
-    argv = grpo_cli(demo[0], tmp_path / "run", "--iterations", "2", "--t5-length", "128")
+    argv = grpo_cli(demo[0], tmp_path / "short", "--iterations", "2")
     argv[argv.index("--drm") + 1] = str(tmp_path / "dina.safetensors")
+    # the demo's prompts are 8 tokens long; DiNa-LRM trained on T5 padded to 128 (205 tokens with CLIP's)
+    assert run(argv) == 2
+    assert "trained on prompts whose T5 part was padded to 128 tokens" in capsys.readouterr().err
+    gen = torch.Generator().manual_seed(0)
+    PromptBank(["a", "b"], torch.randn(2, 77 + 128, 4096, generator=gen), torch.randn(2, 2048, generator=gen),
+               torch.zeros(1, 77 + 128, 4096), torch.zeros(1, 2048)).save(tmp_path / "long.safetensors")
+    argv[argv.index("--prompts") + 1] = str(tmp_path / "long.safetensors")
+    argv[argv.index("--out") + 1] = str(tmp_path / "run")
     assert run(argv) == 0
     rewards = [float(r["reward"]) for r in metrics(tmp_path / "run") if r["reward"]]
     assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards), rewards
