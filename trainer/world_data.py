@@ -1,0 +1,125 @@
+"""The shapes world's models, and preference pairs of their own samples labelled by the oracle.
+
+The pairs are what `trainer drm` learns the world's DRM from: for each prompt, several samples of the
+world generator (latents in the VAE's space, as KSampler returns them), decoded and judged by
+drm.world.judge; each sample in the better half is paired with one in the worse half when the oracle
+prefers it by a margin. Samples are drawn at a spread of CFG scales, so the pairs hold both kinds of
+difference the oracle sees: the wrong picture against the right one, and a worse right one against a
+better one. Needs drm.host.import_comfy() to have run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+WORLD_DIR = Path(__file__).resolve().parent.parent / "world"
+GENERATOR, VAE, PROMPTS = "sd35-world.safetensors", "taesd3-world.safetensors", "prompts.safetensors"
+CFG_SPREAD = (1.5, 3.0, 4.5, 6.0)  # one sample in four at each; 1.5 often misses the prompt, 4.5 seldom
+
+
+@dataclass
+class World:
+    """The world's generator (a ComfyUI ModelPatcher), its VAE (comfy.sd.VAE) and its prompt bank."""
+
+    model: object
+    vae: object
+    prompts: object  # trainer.prompts.PromptBank
+
+    def conditioning(self, rows: list[int]) -> tuple[list, list]:
+        """(positive, negative) ComfyUI CONDITIONING for the bank's rows, batch len(rows)."""
+        b = self.prompts
+        positive = [[b.context[rows].float(), {"pooled_output": b.pooled[rows].float()}]]
+        negative = [[b.negative_context.float().expand(len(rows), -1, -1),
+                     {"pooled_output": b.negative_pooled.float().expand(len(rows), -1)}]]
+        return positive, negative
+
+
+def load_world(folder: str | Path = WORLD_DIR) -> World:
+    """The shipped world models through ComfyUI's own loaders (what UNETLoader and VAELoader call)."""
+    import comfy.sd
+    import comfy.utils
+
+    from .prompts import load_prompt_bank
+
+    folder = Path(folder)
+    missing = [n for n in (GENERATOR, VAE, PROMPTS) if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"world folder {folder} lacks {', '.join(missing)}; they ship in the repository's "
+                                "world/ folder (python tools/train_world.py rebuilds them).")
+    model = comfy.sd.load_diffusion_model(str(folder / GENERATOR))
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(folder / VAE), safe_load=True))
+    return World(model, vae, load_prompt_bank(folder / PROMPTS))
+
+
+@torch.no_grad()
+def sample(world: World, rows: list[int], seed: int, cfg: float | list[float] = 4.5, steps: int = 20,
+           sampler=None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents [len(rows), 16, 8, 8] in the VAE's space for the bank's rows, one seed per batch.
+
+    cfg: one scale, or one per row (rows are then sampled in groups of equal scale). sampler: a
+    ComfyUI KSAMPLER (default euler); sigmas: its schedule (default `simple` at `steps`). Item i's
+    starting noise is ComfyUI's prepare_noise for (seed, batch index i), as KSampler draws it.
+    """
+    import comfy.sample
+    import comfy.samplers
+
+    from drm.stepwise import schedule_sigmas
+
+    scales = [cfg] * len(rows) if isinstance(cfg, (int, float)) else list(cfg)
+    if sampler is None:
+        sampler = comfy.samplers.sampler_object("euler")
+    if sigmas is None:
+        sigmas = schedule_sigmas(world.model.get_model_object("model_sampling"), "simple", steps)
+    empty = torch.zeros(len(rows), 16, 8, 8)
+    noise = comfy.sample.prepare_noise(empty, seed)
+    out = torch.empty_like(empty)
+    for scale in sorted(set(scales)):
+        idx = [i for i, s in enumerate(scales) if s == scale]
+        positive, negative = world.conditioning([rows[i] for i in idx])
+        out[idx] = comfy.sample.sample_custom(world.model, noise[idx], scale, sampler, sigmas, positive, negative,
+                                              empty[idx], disable_pbar=True, seed=seed).float().cpu()
+    return out
+
+
+def decode(world: World, latents: torch.Tensor) -> torch.Tensor:
+    """Pictures [B, 3, 64, 64] in [0, 1], as the oracle reads them."""
+    return world.vae.decode(latents).movedim(-1, 1).float().cpu()
+
+
+def oracle_pairs(world: World, rows: list[int], samples_per_prompt: int = 8, seed: int = 0, margin: float = 0.05):
+    """EncodedPairs of the world generator's own samples, labelled by the oracle.
+
+    rows: bank rows (prompts) to sample; samples_per_prompt (>= 2, a multiple of len(CFG_SPREAD) keeps
+    the scales balanced). Per prompt, samples are ranked by oracle score, and the i-th best is paired
+    with the i-th of the worse half when it beats it by more than `margin`. Returns
+    (trainer.data.EncodedPairs, stats dict with the match rate and the number of pairs).
+    """
+    from drm.world import judge
+
+    from .data import EncodedPairs
+
+    if samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt is {samples_per_prompt}; pairs need at least 2 samples per prompt.")
+    bank = world.prompts
+    preferred, rejected, prompt_index, matched, total = [], [], [], 0, 0
+    for n, row in enumerate(rows):
+        cfgs = [CFG_SPREAD[k % len(CFG_SPREAD)] for k in range(samples_per_prompt)]
+        latents = sample(world, [row] * samples_per_prompt, seed + 1000 * n, cfgs)
+        verdict = judge(decode(world, latents), [bank.texts[row]] * samples_per_prompt)
+        matched += int(verdict.matches.sum())
+        total += samples_per_prompt
+        order = torch.argsort(verdict.score, descending=True)
+        half = samples_per_prompt // 2
+        for better, worse in zip(order[:half].tolist(), order[-half:].tolist()):
+            if verdict.score[better] - verdict.score[worse] > margin:
+                preferred.append(latents[better])
+                rejected.append(latents[worse])
+                prompt_index.append(n)
+    if not preferred:
+        raise ValueError("the oracle found no pair that differs by the margin; sample more per prompt.")
+    pairs = EncodedPairs(torch.stack(preferred), torch.stack(rejected), bank.context[rows].float(),
+                         bank.pooled[rows].float(), torch.tensor(prompt_index), [bank.texts[r] for r in rows])
+    return pairs, {"match_rate": matched / total, "pairs": len(preferred), "samples": total}
