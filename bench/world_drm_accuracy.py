@@ -45,8 +45,8 @@ def main() -> None:
     from drm.host import import_comfy_or_exit
 
     import_comfy_or_exit(args.comfyui)
-    from trainer.drm_train import BUCKETS, DRMTrainConfig, train_drm
-    from trainer.world_data import GENERATOR, WORLD_DIR, load_world, oracle_pairs
+    from trainer.drm_train import BUCKETS
+    from trainer.world_data import load_world, oracle_pairs, train_world_drm
 
     world = load_world()
     rows = list(range(len(world.prompts)))
@@ -55,14 +55,7 @@ def main() -> None:
         for seed in args.seeds:
             start = time.perf_counter()
             pairs, stats = oracle_pairs(world, rows, args.samples, seed=seed)
-            data = Path(tmp) / f"pairs-{seed}.safetensors"
-            pairs.save(data)
-            cfg = DRMTrainConfig(base=str(WORLD_DIR / GENERATOR), data=str(data), out=str(Path(tmp) / f"drm-{seed}"),
-                                 mode="adapter", blocks=2, lora_rank=16, lora_alpha=16.0, max_steps=args.steps,
-                                 batch_size=16, lr=1e-3, precision="fp32", holdout=0.2, eval_every=args.steps,
-                                 save_every=args.steps, log_every=50, seed=seed)
-            cfg.validate()
-            accuracy = train_drm(cfg)
+            _, accuracy = train_world_drm(pairs, Path(tmp) / f"seed-{seed}", args.steps, seed)
             per_seed.append({"seed": seed, **stats, "seconds": round(time.perf_counter() - start, 1),
                              **{k: v for k, v in accuracy.items() if k.startswith("acc_") or k == "eval_acc"}})
             print(json.dumps(per_seed[-1]), flush=True)

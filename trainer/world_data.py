@@ -123,3 +123,23 @@ def oracle_pairs(world: World, rows: list[int], samples_per_prompt: int = 8, see
     pairs = EncodedPairs(torch.stack(preferred), torch.stack(rejected), bank.context[rows].float(),
                          bank.pooled[rows].float(), torch.tensor(prompt_index), [bank.texts[r] for r in rows])
     return pairs, {"match_rate": matched / total, "pairs": len(preferred), "samples": total}
+
+
+def train_world_drm(pairs, folder: str | Path, steps: int = 300, seed: int = 0, holdout: float = 0.2) -> tuple[Path, dict]:
+    """`trainer drm` on oracle pairs: an adapter DRM on 2 of the world generator's 3 blocks.
+
+    pairs: EncodedPairs (oracle_pairs); folder: where the pairs file and the run go. Returns the DRM
+    file and the trainer's held-out evaluation (accuracy per sigma bucket, on held-out prompts).
+    """
+    from .drm_train import DRMTrainConfig, train_drm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs.save(folder / "pairs.safetensors")
+    cfg = DRMTrainConfig(base=str(WORLD_DIR / GENERATOR), data=str(folder / "pairs.safetensors"),
+                         out=str(folder / "drm"), mode="adapter", blocks=2, lora_rank=16, lora_alpha=16.0,
+                         max_steps=steps, batch_size=16, lr=1e-3, precision="fp32", holdout=holdout,
+                         eval_every=steps, save_every=steps, log_every=50, seed=seed)
+    cfg.validate()
+    evaluation = train_drm(cfg)
+    return next((folder / "drm").glob("drm-*.safetensors")), evaluation

@@ -76,3 +76,17 @@ def test_oracle_pairs_prefer_what_the_oracle_scores_higher(world_files, pack):
     assert (better > worse + 0.05).all()
     with pytest.raises(ValueError, match="at least 2 samples"):
         oracle_pairs(world, [0], samples_per_prompt=1)
+
+
+def test_a_world_drm_trains_on_oracle_pairs_and_scores_the_world(world_files, pack, tmp_path):
+    from drm.runtime import load_drm
+    from trainer.world_data import load_world, oracle_pairs, train_world_drm
+
+    world = load_world(WORLD)
+    pairs, _ = oracle_pairs(world, [0, 20, 40, 59], samples_per_prompt=4, seed=1)
+    drm_file, evaluation = train_world_drm(pairs, tmp_path, steps=4, holdout=0.25)
+    assert 0.0 <= evaluation["eval_acc"] <= 1.0
+    drm = load_drm(drm_file, base_model=world.model)
+    positive, _ = world.conditioning([0, 20])
+    scores = drm.score_latents(pairs.preferred[:2], 0.0, positive)
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
