@@ -153,8 +153,9 @@ MIN_FIT = 0.6  # intersection over union with the best ideal shape, below which 
 def judge(images: torch.Tensor, prompts: list[str]) -> Judgement:
     """The oracle: what each picture shows, whether that is its prompt, and how good it is.
 
-    images: [B, 3, H, W] floats in [0, 1] (decoded pixels; values outside are clamped). prompts: B
-    prompts of the grammar (see `parse_prompt`). Pure arithmetic on pixels; deterministic.
+    images: [B, 3, H, H] floats in [0, 1] (decoded pixels; values outside are clamped). prompts: B
+    prompts of the grammar (see `parse_prompt`). Pure arithmetic on pixels; deterministic. Raises
+    ValueError for another shape, non-square or non-finite images, or a prompt outside the grammar.
 
     Steps, per picture: name each pixel by its nearest palette colour; the background is the most
     common name on the border; the foreground colour is the most common other name among pure pixels;
@@ -167,6 +168,12 @@ def judge(images: torch.Tensor, prompts: list[str]) -> Judgement:
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images have shape {tuple(images.shape)}; expected [B, 3, H, W] RGB in [0, 1].")
+    if images.shape[2] != images.shape[3] or images.shape[2] < 8:
+        raise ValueError(f"images are {images.shape[2]}x{images.shape[3]} pixels; the oracle judges square pictures "
+                         "of at least 8x8, as the world draws them. Crop or resize them first.")
+    if not torch.isfinite(images).all():
+        raise ValueError("images hold NaN or infinite values; decode the latents again (in fp32 or bf16 if the VAE "
+                         "overflowed in fp16).")
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images; give one prompt per image.")
     wanted = [parse_prompt(p) for p in prompts]

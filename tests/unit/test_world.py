@@ -91,6 +91,12 @@ def test_bad_input_is_named():
         judge(torch.rand(1, 64, 64, 3), ["a red circle on a blue background"])
     with pytest.raises(ValueError, match="one prompt per image"):
         judge(torch.rand(2, 3, 64, 64), ["a red circle on a blue background"])
+    with pytest.raises(ValueError, match="square pictures"):
+        judge(torch.rand(1, 3, 64, 48), ["a red circle on a blue background"])
+    with pytest.raises(ValueError, match="NaN"):
+        judge(torch.full((1, 3, 64, 64), float("nan")), ["a red circle on a blue background"])
+    with pytest.raises(ValueError, match="grammar"):
+        judge(torch.rand(1, 3, 64, 64), ["a cat"])
 
 
 def test_the_text_encoder_is_fixed_and_tells_word_order():
