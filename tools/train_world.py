@@ -193,6 +193,8 @@ def main() -> None:
 
     out = Path(args.out)
     if args.eval_only:
+        if not (out / "recipe.json").is_file():
+            raise SystemExit(f"--eval-only: {out} has no recipe.json; point --out at a folder this tool wrote.")
         record = json.loads((out / "recipe.json").read_text(encoding="utf-8"))
         start = time.perf_counter()
         record["oracle_match_rate"] = oracle_match_rate(out, Recipe(**record["recipe"]))
