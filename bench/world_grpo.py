@@ -26,14 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
 ALGORITHMS = ("step-grpo", "grpo")
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (T95.get(len(values) - 1, 2.0) * statistics.stdev(values) / len(values) ** 0.5
-                  if len(values) > 1 else 0.0)
 
 
 def main() -> None:
@@ -53,6 +46,7 @@ def main() -> None:
     import comfy.sd
     import comfy.utils
 
+    from bench.stats import mean_ci
     from drm.runtime import load_drm
     from drm.world import judge
     from trainer.grpo_train import GRPOConfig, train_grpo

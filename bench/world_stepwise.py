@@ -52,6 +52,7 @@ def main() -> None:
     from drm.host import import_comfy_or_exit
 
     import_comfy_or_exit(args.comfyui)
+    import comfy.sample
     import comfy.samplers
 
     from drm.runtime import load_drm
@@ -69,7 +70,7 @@ def main() -> None:
 
     sigmas = schedule_sigmas(world.model.get_model_object("model_sampling"), "simple", STEPS)
     euler = comfy.samplers.sampler_object("euler")
-    positive, _ = world.conditioning(rows)
+    positive, negative = world.conditioning(rows)
 
     def drm_scores(latents, sigma=0.0):
         return drm.score_latents(latents, sigma, positive)
@@ -93,31 +94,24 @@ def main() -> None:
         return {"method": name, "score": interval(scores), "match": statistics.fmean(matches),
                 "quality": statistics.fmean(quality), "seconds": seconds}
 
+    def best_per_prompt(candidates: list[torch.Tensor], sigma: float = 0.0) -> torch.Tensor:
+        """For each prompt, the candidate latent the DRM scores highest at `sigma`."""
+        best = torch.stack([drm_scores(c, sigma) for c in candidates]).argmax(0)  # [P]
+        return torch.stack([candidates[int(best[p])][p] for p in rows])
+
     def best_of(n):
-        def fn(seed):
-            candidates = [sample(world, rows, seed * 1000 + k, CFG) for k in range(n)]
-            scores = torch.stack([drm_scores(c) for c in candidates])  # [n, P]
-            best = scores.argmax(0)
-            return torch.stack([candidates[int(best[p])][p] for p in rows])
-        return fn
+        return lambda seed: best_per_prompt([sample(world, rows, seed * 1000 + k, CFG) for k in range(n)])
 
     def draft_and_prune(n):
         middle = STEPS // 2
 
         def fn(seed):
             drafts = [sample(world, rows, seed * 1000 + k, CFG, sigmas=sigmas[:middle + 1]) for k in range(n)]
-            scores = torch.stack([drm_scores(d, float(sigmas[middle])) for d in drafts])
-            best = scores.argmax(0)
-            chosen = torch.stack([drafts[int(best[p])][p] for p in rows])
-            return finish(chosen, seed)
+            chosen = best_per_prompt(drafts, float(sigmas[middle]))
+            # finish from the leftover noise, as a second KSamplerAdvanced with add_noise off does
+            return comfy.sample.sample_custom(world.model, torch.zeros_like(chosen), CFG, euler, sigmas[middle:],
+                                              positive, negative, chosen, disable_pbar=True, seed=seed).float().cpu()
         return fn
-
-    def finish(noisy, seed):
-        import comfy.sample
-
-        out = comfy.sample.sample_custom(world.model, torch.zeros_like(noisy), CFG, euler, sigmas[STEPS // 2:],
-                                         positive, world.conditioning(rows)[1], noisy, disable_pbar=True, seed=seed)
-        return out.float().cpu()
 
     # warm-up: the first calls load the models and allocate; none of that belongs to a method's time
     drm_scores(sample(world, rows, 0, CFG, sampler=stepwise_ksampler(drm, branches=2, seed=0), steps=2))

@@ -191,7 +191,6 @@ def judge(images: torch.Tensor, prompts: list[str]) -> Judgement:
     for i in range(b):
         bg = int(torch.bincount(nearest[i][border], minlength=len(names)).argmax())
         counts = torch.bincount(nearest[i][pure[i] & (nearest[i] != bg)], minlength=len(names))
-        counts[bg] = 0
         fg = int(counts.argmax())
         backgrounds.append(names[bg])
         if counts[fg] < MIN_AREA * h * w:

@@ -34,8 +34,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609  # ComfyUI's SD3 latent format: model input = (latent - shift) * scale
-
 
 @dataclass
 class Recipe:
@@ -68,7 +66,7 @@ def random_batch(gen: torch.Generator, n: int):
 
 
 def train_vae(r: Recipe, gen: torch.Generator):
-    """A TAESD(16) trained to reconstruct the world; returns its modules and the latent mean and std."""
+    """A TAESD(16) trained to reconstruct the world's pictures from 16-channel latents."""
     from comfy.taesd.taesd import TAESD
 
     vae = TAESD(latent_channels=16)
@@ -151,27 +149,14 @@ def train_mmdit(latents: torch.Tensor, prompts: list[str], r: Recipe, gen: torch
 @torch.no_grad()
 def oracle_match_rate(out: Path, r: Recipe) -> float:
     """Sample every prompt once through ComfyUI's own loaders (euler, 20 steps) and ask the oracle."""
-    import comfy.sample
-    import comfy.sd
-    import comfy.utils
-
     from drm.world import judge
-    from trainer.prompts import load_prompt_bank
+    from trainer.world_data import decode, load_world, sample
 
-    model = comfy.sd.load_diffusion_model(str(out / "sd35-world.safetensors"))
-    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(out / "taesd3-world.safetensors")))
-    bank = load_prompt_bank(out / "prompts.safetensors")
-    negative = [[bank.negative_context, {"pooled_output": bank.negative_pooled}]]
-    matched = 0
-    for i, text in enumerate(bank.texts):
-        positive = [[bank.context[i:i + 1], {"pooled_output": bank.pooled[i:i + 1]}]]
-        empty = torch.zeros(1, 16, 8, 8)
-        noise = comfy.sample.prepare_noise(empty, r.seed + i)
-        latent = comfy.sample.sample(model, noise, r.eval_steps, r.eval_cfg, "euler", "simple", positive, negative,
-                                     empty, disable_pbar=True, seed=r.seed + i)
-        image = vae.decode(latent).movedim(-1, 1)
-        matched += int(judge(image, [text]).matches[0])
-    return matched / len(bank.texts)
+    world = load_world(out)
+    texts = world.prompts.texts
+    matched = sum(bool(judge(decode(world, sample(world, [i], r.seed + i, r.eval_cfg, r.eval_steps)), [text]).matches[0])
+                  for i, text in enumerate(texts))
+    return matched / len(texts)
 
 
 def main() -> None:
@@ -187,6 +172,8 @@ def main() -> None:
     from drm.host import import_comfy_or_exit
 
     import_comfy_or_exit(args.comfyui)
+    import comfy.latent_formats
+
     from drm.checkpoint import atomic_save
     from drm.world import all_prompts, encode_prompts
     from trainer.prompts import PromptBank
@@ -218,9 +205,11 @@ def main() -> None:
     latents, prompts = encode_scenes(vae, r, gen)
     mean, std = float(latents.mean()), float(latents.std())
     latents = (latents - mean) / std  # what the MMDiT sees: SD3's process_in of the VAE's output
-    # ComfyUI's TAESD: encode = encoder(x) / vae_scale + vae_shift, decode = decoder((z - vae_shift) * vae_scale)
-    vae_scale = std * SD3_SCALE
-    vae_shift = SD3_SHIFT - mean / vae_scale
+    # ComfyUI's TAESD: encode = encoder(x) / vae_scale + vae_shift, decode = decoder((z - vae_shift) * vae_scale);
+    # the SD3 latent format then feeds the model (latent - shift_factor) * scale_factor = (z - mean) / std
+    sd3 = comfy.latent_formats.SD3()
+    vae_scale = std * sd3.scale_factor
+    vae_shift = sd3.shift_factor - mean / vae_scale
     vae_sd = {k: v.half() for k, v in vae.state_dict().items() if k.startswith("taesd_")}
     vae_sd["vae_scale"], vae_sd["vae_shift"] = torch.tensor(vae_scale), torch.tensor(vae_shift)
     times["encode_s"] = time.perf_counter() - start
