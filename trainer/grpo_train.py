@@ -527,9 +527,11 @@ def swapped_in(params, ema):
 
 def _save(accelerator, out, policy, ema, params, optimizer, scheduler, iteration, cfg, base_name) -> None:
     if accelerator.is_main_process:
-        save_state(out, policy.lora, ema, optimizer, scheduler, iteration)
+        # The snapshot first: the checkpoint is what --resume starts after, so a kill between the two
+        # must leave the snapshot to be rewritten, never a checkpoint whose snapshot is missing.
         with swapped_in(params, ema):
             export_lora(policy.lora, cfg, base_name, iteration, out / "loras" / f"{base_name}-{iteration:05d}.safetensors")
+        save_state(out, policy.lora, ema, optimizer, scheduler, iteration)
     accelerator.wait_for_everyone()
 
 

@@ -265,6 +265,36 @@ def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(demo, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, not even `finally` cleanup that writes files."""
+
+
+def test_a_kill_between_the_snapshot_and_the_checkpoint_loses_no_snapshot(demo, tmp_path, monkeypatch):
+    """The random SIGKILL above can land between the two writes of a save; here it lands there every time."""
+    import trainer.grpo_train as grpo_train
+
+    writes = []
+
+    def recorded(function):
+        def write(*args, **kwargs):
+            iteration = next(a for a in args if isinstance(a, int))
+            writes.append(iteration)
+            if writes.count(4) == 2:  # the second write of iteration 4's save
+                raise Killed
+            return function(*args, **kwargs)
+        return write
+
+    common = ("--iterations", "6", "--save-every", "2", "--eval-every", "100")
+    with monkeypatch.context() as patch:
+        patch.setattr(grpo_train, "export_lora", recorded(grpo_train.export_lora))
+        patch.setattr(grpo_train, "save_state", recorded(grpo_train.save_state))
+        with pytest.raises(Killed):
+            run(grpo_cli(demo[0], tmp_path / "killed", *common))
+    assert run(grpo_cli(demo[0], tmp_path / "killed", *common, "--resume")) == 0
+    assert sorted(p.name for p in (tmp_path / "killed" / "loras").iterdir()) == [
+        f"tiny-sd35-{i:05d}.safetensors" for i in (2, 4, 6)]
+
+
 def test_a_demo_stopped_by_ctrl_c_exits_130_with_a_message(tmp_path, monkeypatch, capsys):
     """Whatever stops a stage (Ctrl-C, SIGTERM), the demo says so and exits; it never crashes further on."""
     import trainer.drm_train
