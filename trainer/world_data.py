@@ -56,12 +56,13 @@ def load_world(folder: str | Path = WORLD_DIR) -> World:
 
 @torch.no_grad()
 def sample(world: World, rows: list[int], seed: int, cfg: float | list[float] = 4.5, steps: int = 20,
-           sampler=None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+           sampler=None, sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Latents [len(rows), 16, 8, 8] in the VAE's space for the bank's rows, one seed per batch.
 
     cfg: one scale, or one per row (rows are then sampled in groups of equal scale). sampler: a
     ComfyUI KSAMPLER (default euler); sigmas: its schedule (default `simple` at `steps`). Item i's
-    starting noise is ComfyUI's prepare_noise for (seed, batch index i), as KSampler draws it.
+    starting noise is ComfyUI's prepare_noise for (seed, batch index i), as KSampler draws it, unless
+    `noise` [len(rows), 16, 8, 8] is given.
     """
     import comfy.sample
     import comfy.samplers
@@ -74,7 +75,8 @@ def sample(world: World, rows: list[int], seed: int, cfg: float | list[float] = 
     if sigmas is None:
         sigmas = schedule_sigmas(world.model.get_model_object("model_sampling"), "simple", steps)
     empty = torch.zeros(len(rows), 16, 8, 8)
-    noise = comfy.sample.prepare_noise(empty, seed)
+    if noise is None:
+        noise = comfy.sample.prepare_noise(empty, seed)
     out = torch.empty_like(empty)
     for scale in sorted(set(scales)):
         idx = [i for i, s in enumerate(scales) if s == scale]
@@ -84,6 +86,7 @@ def sample(world: World, rows: list[int], seed: int, cfg: float | list[float] = 
     return out
 
 
+@torch.no_grad()
 def decode(world: World, latents: torch.Tensor) -> torch.Tensor:
     """Pictures [B, 3, 64, 64] in [0, 1], as the oracle reads them."""
     return world.vae.decode(latents).movedim(-1, 1).float().cpu()
@@ -103,26 +106,30 @@ def oracle_pairs(world: World, rows: list[int], samples_per_prompt: int = 8, see
 
     if samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt is {samples_per_prompt}; pairs need at least 2 samples per prompt.")
+    import comfy.sample
+
     bank = world.prompts
-    preferred, rejected, prompt_index, matched, total = [], [], [], 0, 0
-    for n, row in enumerate(rows):
-        cfgs = [CFG_SPREAD[k % len(CFG_SPREAD)] for k in range(samples_per_prompt)]
-        latents = sample(world, [row] * samples_per_prompt, seed + 1000 * n, cfgs)
-        verdict = judge(decode(world, latents), [bank.texts[row]] * samples_per_prompt)
-        matched += int(verdict.matches.sum())
-        total += samples_per_prompt
-        order = torch.argsort(verdict.score, descending=True)
-        half = samples_per_prompt // 2
-        for better, worse in zip(order[:half].tolist(), order[-half:].tolist()):
-            if verdict.score[better] - verdict.score[worse] > margin:
-                preferred.append(latents[better])
-                rejected.append(latents[worse])
+    # All prompts in one batch per CFG scale (far faster than one prompt at a time); prompt n's samples
+    # still start from the noise of seed + 1000 n.
+    each = samples_per_prompt
+    noise = torch.cat([comfy.sample.prepare_noise(torch.zeros(each, 16, 8, 8), seed + 1000 * n) for n in range(len(rows))])
+    cfgs = [CFG_SPREAD[k % len(CFG_SPREAD)] for k in range(each)] * len(rows)
+    latents = sample(world, [row for row in rows for _ in range(each)], seed, cfgs, noise=noise)
+    verdict = judge(decode(world, latents), [bank.texts[row] for row in rows for _ in range(each)])
+    preferred, rejected, prompt_index = [], [], []
+    for n in range(len(rows)):
+        scores = verdict.score[n * each:(n + 1) * each]
+        order = torch.argsort(scores, descending=True)
+        for better, worse in zip(order[:each // 2].tolist(), order[-(each // 2):].tolist()):
+            if scores[better] - scores[worse] > margin:
+                preferred.append(latents[n * each + better])
+                rejected.append(latents[n * each + worse])
                 prompt_index.append(n)
     if not preferred:
         raise ValueError("the oracle found no pair that differs by the margin; sample more per prompt.")
     pairs = EncodedPairs(torch.stack(preferred), torch.stack(rejected), bank.context[rows].float(),
                          bank.pooled[rows].float(), torch.tensor(prompt_index), [bank.texts[r] for r in rows])
-    return pairs, {"match_rate": matched / total, "pairs": len(preferred), "samples": total}
+    return pairs, {"match_rate": verdict.matches.float().mean().item(), "pairs": len(preferred), "samples": len(latents)}
 
 
 def train_world_drm(pairs, folder: str | Path, steps: int = 300, seed: int = 0, holdout: float = 0.2) -> tuple[Path, dict]:
