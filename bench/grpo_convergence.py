@@ -1,4 +1,4 @@
-"""Step-GRPO against GRPO on the demo task, side by side: optimizer steps and wall time to a target reward.
+"""Step-GRPO against GRPO on the tiny demo's task (`trainer demo --tiny`), side by side: optimizer steps and wall time to a target reward.
 
     python bench/grpo_convergence.py [--iterations 40] [--seeds 3] [--k 4] [--comfyui PATH]
 
@@ -49,12 +49,12 @@ def main() -> None:
     from drm.host import import_comfy_or_exit
 
     import_comfy_or_exit(args.comfyui)
-    from trainer.demo import run_demo
     from trainer.grpo_train import GRPOConfig, train_grpo
+    from trainer.tiny_demo import run_tiny_demo
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run_demo(out=str(tmp / "demo"), grpo_iterations=1)  # the demo's tiny model, DRM and prompts
+        run_tiny_demo(out=str(tmp / "demo"), grpo_iterations=1)  # the demo's tiny model, DRM and prompts
         demo = tmp / "demo"
         drm = next((demo / "drm").glob("drm-*.safetensors"))
         runs: dict[str, list[list[dict]]] = {"step-grpo": [], "grpo": []}

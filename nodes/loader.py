@@ -18,7 +18,7 @@ def listed_in(folder: str, name: str, what: str) -> bool | str:
         return True
     return (f"{what} '{name}' is not in ComfyUI/models/{folder}/ (or an extra_model_paths.yaml folder for "
             f"'{folder}'). Put the file there and refresh the browser; `python -m trainer demo --install` puts "
-            "the tiny example files there.")
+            "the example workflows' files there.")
 
 
 class DRMLoader(io.ComfyNode):

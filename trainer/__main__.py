@@ -1,6 +1,6 @@
 """Command line: `python -m trainer <command> --help`.
 
-  demo   the pipeline end to end on a tiny random-weight SD3.5-architecture model
+  demo   the pipeline end to end on the shapes world, judged by its oracle (--tiny: on random weights)
   drm    train a DRM from preference pairs
   grpo   fine-tune SD3.5 into a LoRA with Step-wise GRPO (or the GRPO baseline) against a DRM
   import-dina  convert a DiNa-LRM snapshot (public SD3.5-M reward model) into a DRM file
@@ -40,11 +40,15 @@ def _run(argv: list[str] | None) -> int:
     uses_comfyui.add_argument("--comfyui", metavar="PATH", default=argparse.SUPPRESS, help=comfyui_help)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", parents=[uses_comfyui],
-                               help="run the pipeline on a tiny random-weight SD3.5-architecture model")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; an earlier demo there is replaced)")
+                               help="run the pipeline on the shapes world (world/), judged by its oracle")
+    demo.add_argument("--out", help="output folder (default runs/demo, or runs/demo-tiny with --tiny; an earlier "
+                                    "demo there is replaced)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--install", action="store_true",
-                      help="copy the tiny model, VAE, DRM, LoRA and prompts into ComfyUI's models folder")
+                      help="copy the world model, VAE, DRM, LoRA and prompts into ComfyUI's models folder, for the "
+                           "example workflows")
+    demo.add_argument("--tiny", action="store_true",
+                      help="every stage on a tiny random-weight model instead, in seconds (its pictures are noise)")
     add_arguments(commands.add_parser("drm", parents=[uses_comfyui], help="train a DRM from preference pairs"),
                   DRMTrainConfig)
     add_arguments(commands.add_parser("grpo", parents=[uses_comfyui], help="Step-GRPO / GRPO fine-tuning to a ComfyUI LoRA"),
@@ -57,6 +61,10 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "import-dina":
         return _import_dina(args.snapshot, args.out)
 
+    if args.command == "demo" and args.tiny and args.install:
+        print("error: --install copies the world demo's files for the example workflows; drop --tiny or --install",
+              file=sys.stderr)
+        return 2
     try:  # configuration errors are reported before any model loads
         config = load_config(CONFIGS[args.command], args) if args.command in CONFIGS else None
     except ConfigError as e:
@@ -74,12 +82,16 @@ def _run(argv: list[str] | None) -> int:
 
     if args.command == "demo":
         from .demo import run_demo
+        from .tiny_demo import run_tiny_demo
 
         try:
             import folder_paths
 
-            run_demo(out=args.out, seed=args.seed,
-                     install_into=Path(folder_paths.models_dir) if args.install else None)
+            if args.tiny:
+                run_tiny_demo(out=args.out or "runs/demo-tiny", seed=args.seed)
+            else:
+                run_demo(out=args.out or "runs/demo", seed=args.seed,
+                         install_into=Path(folder_paths.models_dir) if args.install else None)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

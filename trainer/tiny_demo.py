@@ -1,4 +1,5 @@
-"""`python -m trainer demo`: the whole pipeline on a tiny random-weight SD3.5-architecture model.
+"""`python -m trainer demo --tiny`: every stage of the pipeline on a tiny random-weight SD3.5-architecture
+model, in well under a minute; the tests and bench/grpo_convergence.py build on it.
 
 1. generate a tiny generator (SD3.5-M's layout at depth 2) and synthetic preference pairs whose
    preferred latent follows a hidden rule (a brighter top half in channel 0);
@@ -6,37 +7,20 @@
 3. fine-tune the generator with Step-GRPO against that DRM (`trainer grpo`) into a LoRA;
 4. back in ComfyUI: load the LoRA with ComfyUI's own LoRA loader and sample plainly and with DRM
    step-wise search, scored by the DRM.
-Everything is made on the spot; nothing is downloaded. Its pictures are noise.
+Everything is made on the spot; nothing is downloaded. Its pictures are noise: `python -m trainer demo`
+(trainer.demo) is the one whose pictures mean something.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-MARKER = "demo.json"
 
-
-# What `--install` copies into ComfyUI's model folders: the names the example workflows use.
-INSTALL = {
-    "diffusion_models/tiny-sd35.safetensors": "models/tiny-sd35.safetensors",
-    "vae/tiny-vae.safetensors": "models/tiny-vae.safetensors",
-    "drm/tiny-drm.safetensors": "drm/drm-tiny-sd35-adapter.safetensors",
-    "loras/tiny-sd35-step-grpo.safetensors": "grpo/tiny-sd35-step-grpo.safetensors",
-    "drm_conditioning/tiny-prompt-0.safetensors": "data/tiny-prompt-0.safetensors",
-    "drm_conditioning/tiny-prompt-1.safetensors": "data/tiny-prompt-1.safetensors",
-    "drm_conditioning/tiny-negative.safetensors": "data/tiny-negative.safetensors",
-    "drm/tiny-dina.safetensors": "dina/tiny-dina.safetensors",
-    "drm_conditioning/tiny-prompt-t5-128.safetensors": "data/tiny-prompt-t5-128.safetensors",
-}
-
-
-def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_iterations: int = 30,
-             install_into: Path | None = None) -> dict:
+def run_tiny_demo(out: str = "runs/demo-tiny", seed: int = 0, drm_steps: int = 120, grpo_iterations: int = 30) -> dict:
     import comfy.sample
     import comfy.samplers
     import comfy.sd
@@ -48,6 +32,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
     from drm.stepwise import schedule_sigmas, stepwise_ksampler
     from drm.tiny import tiny_conditioning, tiny_generator_state_dict
 
+    from .demo import MARKER, prepare_out, stage
     from .drm_train import DRMTrainConfig, train_drm
     from .grpo_train import GRPOConfig, train_grpo
     from .import_dina import import_dina
@@ -56,6 +41,8 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
 
     start = time.perf_counter()
     root = prepare_out(Path(out))
+    for sub in ("models", "data"):
+        (root / sub).mkdir()
     print("DRM demo on a TINY RANDOM-WEIGHT stand-in for SD3.5-Medium (depth 2, hidden 128, 64x64 pixels).")
     print("It runs every stage of the pipeline on a CPU; its images are noise and its rewards are synthetic.\n")
 
@@ -127,44 +114,8 @@ def run_demo(out: str = "runs/demo", seed: int = 0, drm_steps: int = 120, grpo_i
     print(f"Step-GRPO eval reward (ODE samples, DRM): {rewards[0]:+.3f} before -> {rewards[-1]:+.3f} after")
     print(f"Files in {root}: DRM {drm_file.relative_to(root)}, LoRA {lora_file.relative_to(root)}, "
           "reward curve grpo/reward_curve.png, before/after grids grpo/eval/, DRM curves drm/curves.png")
-    if install_into is not None:
-        for target, source in INSTALL.items():
-            (install_into / target).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root / source, install_into / target)
-        print(f"Installed the tiny model, VAE, DRM, LoRA and prompts into {install_into}: the example workflows "
-              "in workflows/ now run as they are.")
-    else:
-        print("Run with --install to copy the tiny model, DRM, LoRA and prompts into ComfyUI's model folders, so "
-              "the example workflows run as they are.")
     print(f"Done in {summary['seconds']} s.")
     return summary | {"last": last}
-
-
-def stage(name: str, train, cfg):
-    """Run one trainer; if Ctrl-C or SIGTERM stops it, stop the demo too, saying where (the later
-    stages need what it would have written)."""
-    from .runs import RunInterrupted
-
-    try:
-        return train(cfg)
-    except RunInterrupted as e:
-        raise RunInterrupted(f"the demo stopped in stage {name}: {e.args[0].split(';')[0]}. Its files are in "
-                             f"{Path(cfg.out).parent}; run the demo again to start over.") from None
-
-
-def prepare_out(root: Path) -> Path:
-    """A clean demo folder; a folder that is not an earlier demo's is left alone."""
-    blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"out: {root} cannot be a folder: {blocking} is a file; choose another --out")
-    if root.exists() and any(root.iterdir()):
-        if not (root / MARKER).exists():
-            raise ValueError(f"out: {root} exists and is not a demo folder; choose another --out")
-        shutil.rmtree(root)
-    for sub in ("models", "data"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text("{}", encoding="utf-8")
-    return root
 
 
 def _csv(path: Path) -> list[dict]:

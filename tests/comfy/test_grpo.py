@@ -1,4 +1,4 @@
-"""`python -m trainer grpo` and `python -m trainer demo` on the tiny model, and the LoRA in ComfyUI's loaders."""
+"""`python -m trainer grpo` and `python -m trainer demo --tiny` on the tiny model, and the LoRA in ComfyUI's loaders."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ def metrics(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def demo(comfyui, tmp_path_factory):
     """The README's main command, run once: DRM training, Step-GRPO, and sampling back in ComfyUI."""
-    from trainer.demo import run_demo
+    from trainer.tiny_demo import run_tiny_demo
 
     out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out=str(out / "demo"))
+    summary = run_tiny_demo(out=str(out / "demo"))
     return out / "demo", summary
 
 
@@ -304,7 +304,7 @@ def test_a_demo_stopped_by_ctrl_c_exits_130_with_a_message(tmp_path, monkeypatch
         raise RunInterrupted("Interrupted at step 12; a checkpoint is saved. Continue with --resume.")
 
     monkeypatch.setattr(trainer.drm_train, "train_drm", interrupted)
-    assert run(["demo", "--out", str(tmp_path / "demo")]) == 130
+    assert run(["demo", "--tiny", "--out", str(tmp_path / "demo")]) == 130
     err = capsys.readouterr().err
     assert err.startswith("stopped: the demo stopped in stage 1 (DRM training): Interrupted at step 12.") and \
         "Traceback" not in err, err
