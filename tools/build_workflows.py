@@ -1,13 +1,14 @@
 """Write the example workflows (API and UI formats), their thumbnails and the README pictures.
 
-    python -m trainer demo --install          # the tiny files the workflows name, in ComfyUI/models
+    python -m trainer demo --install          # the world files the workflows name, in ComfyUI/models
     python main.py --cpu                       # in ComfyUI, with this pack in custom_nodes
     python tools/build_workflows.py --server http://127.0.0.1:8188 --demo runs/demo
 
 The graphs are defined once below in API format (plus a position per node). The UI format, which
 the frontend opens, is derived from the server's /object_info (widget order, slot types). Every
 workflow is then run on the server; its saved images go to `docs/images/<name>-<SaveImage prefix>-<i>.png`
-and the first one becomes `workflows/<name>.jpg`.
+and the first one becomes `workflows/<name>.jpg`. A workflow that names real SD3.5 weights is written
+but not run (its pictures are kept); the server tests run it on tiny stand-ins.
 """
 
 from __future__ import annotations
@@ -24,18 +25,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
-MODEL = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny-sd35.safetensors", "weight_dtype": "default"},
-         "_meta": {"title": "Load Diffusion Model (SD3.5; tiny demo model here)"}, "pos": [0, 0]}
-POSITIVE = {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": "tiny-prompt-0.safetensors"},
+# The shapes world's files (world/ and `trainer demo --install`): 64x64 pictures, 20 euler steps at CFG 4
+WORLD_DRM, WORLD_LORA = "drm-sd35-world-adapter.safetensors", "sd35-world-step-grpo.safetensors"
+MODEL = {"class_type": "UNETLoader", "inputs": {"unet_name": "sd35-world.safetensors", "weight_dtype": "default"},
+         "_meta": {"title": "Load Diffusion Model (SD3.5; the shapes world's here)"}, "pos": [0, 0]}
+POSITIVE = {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": "world-red-circle-on-blue.safetensors"},
             "_meta": {"title": "Positive prompt (cached; or CLIPTextEncode)"}, "pos": [0, 160]}
-NEGATIVE = {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": "tiny-negative.safetensors"},
+NEGATIVE = {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": "world-empty.safetensors"},
             "_meta": {"title": "Negative prompt (cached; or CLIPTextEncode)"}, "pos": [0, 280]}
-VAE = {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-vae.safetensors"}, "_meta": {"title": "Load VAE"},
+VAE = {"class_type": "VAELoader", "inputs": {"vae_name": "taesd3-world.safetensors"}, "_meta": {"title": "Load VAE"},
        "pos": [0, 400]}
-DRM = {"class_type": "DRMLoader", "inputs": {"drm_name": "tiny-drm.safetensors", "weight_dtype": "default",
+DRM = {"class_type": "DRMLoader", "inputs": {"drm_name": WORLD_DRM, "weight_dtype": "default",
                                              "model": ["1", 0], "backbone": "shared"},
        "_meta": {"title": "DRM Loader"}, "pos": [0, 520]}
-SAMPLING = {"seed": 42, "cfg": 4.5, "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0]}
+SAMPLING = {"seed": 42, "cfg": 4.0, "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0]}
+SIZE = {"width": 64, "height": 64}
 SEARCH = {"drm": ["5", 0], "branches": 4, "eta": 0.7, "mode": "greedy", "beam_width": 2, "temperature": 1.0,
           "window_start": 0, "window_end": -1}
 
@@ -52,6 +56,17 @@ def node(class_type: str, inputs: dict, title: str, pos: list) -> dict:
     return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}, "pos": pos}
 
 
+def advanced(latent: list, start: int, end: int | None, title: str, pos: list) -> dict:
+    """KSamplerAdvanced over steps start..end of a 20-step euler schedule (end None: to the last step).
+    Noise is added only when it starts at step 0, and left in when it stops early."""
+    return node("KSamplerAdvanced", {"model": ["1", 0], "add_noise": "enable" if start == 0 else "disable",
+                                     "noise_seed": 42, "steps": 20, "cfg": 4.0, "sampler_name": "euler",
+                                     "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0],
+                                     "latent_image": latent, "start_at_step": start,
+                                     "end_at_step": 10000 if end is None else end,
+                                     "return_with_leftover_noise": "disable" if end is None else "enable"}, title, pos)
+
+
 def base(**extra) -> dict:
     graph = {"1": MODEL, "2": POSITIVE, "3": NEGATIVE, "4": VAE, "5": DRM}
     graph.update(extra)
@@ -60,31 +75,21 @@ def base(**extra) -> dict:
 
 WORKFLOWS = {
     "drm_score_midgraph": base(
-        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 2}, "Empty latent", [0, 760]),
-           "7": node("KSamplerAdvanced", {"model": ["1", 0], "add_noise": "enable", "noise_seed": 42, "steps": 8,
-                                          "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple",
-                                          "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["6", 0],
-                                          "start_at_step": 0, "end_at_step": 4,
-                                          "return_with_leftover_noise": "enable"},
-                     "Steps 0-4, noise left in", [420, 0]),
-           "8": dict(score(["7", 0], position="schedule", steps=8, step=4, model=["1", 0]),
-                     _meta={"title": "Score the noisy latent (step 4 of 8)"}, pos=[840, 0]),
-           "9": node("KSamplerAdvanced", {"model": ["1", 0], "add_noise": "disable", "noise_seed": 42, "steps": 8,
-                                          "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple",
-                                          "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["7", 0],
-                                          "start_at_step": 4, "end_at_step": 10000,
-                                          "return_with_leftover_noise": "disable"},
-                     "Steps 4-8, finish", [420, 420]),
+        **{"6": node("EmptySD3LatentImage", {**SIZE, "batch_size": 2}, "Empty latent", [0, 760]),
+           "7": advanced(["6", 0], 0, 10, "Steps 0-10, noise left in", [420, 0]),
+           "8": dict(score(["7", 0], position="schedule", steps=20, step=10, model=["1", 0]),
+                     _meta={"title": "Score the noisy latent (step 10 of 20)"}, pos=[840, 0]),
+           "9": advanced(["7", 0], 10, None, "Steps 10-20, finish", [420, 420]),
            "10": dict(score(["9", 0]), _meta={"title": "Score the clean latent"}, pos=[840, 420]),
            "11": node("PreviewAny", {"source": ["8", 1]}, "Noisy scores", [1260, 0]),
            "12": node("PreviewAny", {"source": ["10", 1]}, "Clean scores", [1260, 420]),
            "13": node("VAEDecode", {"samples": ["9", 0], "vae": ["4", 0]}, "VAE Decode", [840, 760]),
            "14": node("SaveImage", {"images": ["13", 0], "filename_prefix": "drm/score_midgraph"}, "Save", [1260, 760])}),
     "drm_stepwise_vs_ksampler": base(
-        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 760]),
-           "7": node("KSampler", {"model": ["1", 0], "steps": 8, "sampler_name": "euler", "latent_image": ["6", 0],
+        **{"6": node("EmptySD3LatentImage", {**SIZE, "batch_size": 1}, "Empty latent", [0, 760]),
+           "7": node("KSampler", {"model": ["1", 0], "steps": 20, "sampler_name": "euler", "latent_image": ["6", 0],
                                   "denoise": 1.0, **SAMPLING}, "KSampler (plain, same seed)", [420, 0]),
-           "8": node("DRMStepwiseKSampler", {"model": ["1", 0], "steps": 8, "latent_image": ["6", 0], "denoise": 1.0,
+           "8": node("DRMStepwiseKSampler", {"model": ["1", 0], "steps": 20, "latent_image": ["6", 0], "denoise": 1.0,
                                              **SAMPLING, **SEARCH}, "DRM Step-wise KSampler", [420, 420]),
            "9": dict(score(["7", 0]), _meta={"title": "Score: KSampler"}, pos=[840, 0]),
            "10": dict(score(["8", 0]), _meta={"title": "Score: step-wise"}, pos=[840, 420]),
@@ -95,8 +100,8 @@ WORKFLOWS = {
            "14": node("VAEDecode", {"samples": ["8", 0], "vae": ["4", 0]}, "VAE Decode", [840, 860]),
            "15": node("SaveImage", {"images": ["14", 0], "filename_prefix": "drm/stepwise"}, "Save", [1260, 860])}),
     "drm_best_of_batch": base(
-        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 4}, "Empty latent", [0, 760]),
-           "7": node("KSampler", {"model": ["1", 0], "steps": 8, "sampler_name": "euler", "latent_image": ["6", 0],
+        **{"6": node("EmptySD3LatentImage", {**SIZE, "batch_size": 4}, "Empty latent", [0, 760]),
+           "7": node("KSampler", {"model": ["1", 0], "steps": 20, "sampler_name": "euler", "latent_image": ["6", 0],
                                   "denoise": 1.0, **SAMPLING}, "KSampler (batch of 4)", [420, 0]),
            "8": dict(score(["7", 0]), _meta={"title": "DRM Score Latent (sorts best first)"}, pos=[840, 0]),
            "9": node("LatentFromBatch", {"samples": ["8", 2], "batch_index": 0, "length": 1}, "Take the best",
@@ -108,22 +113,22 @@ WORKFLOWS = {
         # the LoRA'd clone changes the MODEL's shared weights while it samples: the DRM keeps its own copy
         **{"5": dict(DRM, inputs=dict(DRM["inputs"], backbone="copy"),
                      _meta={"title": "DRM Loader (backbone: copy, as the LoRA'd MODEL samples)"}),
-           "6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 760]),
-           "7": node("LoraLoaderModelOnly", {"model": ["1", 0], "lora_name": "tiny-sd35-step-grpo.safetensors",
+           "6": node("EmptySD3LatentImage", {**SIZE, "batch_size": 1}, "Empty latent", [0, 760]),
+           "7": node("LoraLoaderModelOnly", {"model": ["1", 0], "lora_name": WORLD_LORA,
                                              "strength_model": 1.0}, "Step-GRPO LoRA", [420, 0]),
-           "8": node("DRMStepwiseKSampler", {"model": ["7", 0], "steps": 8, "latent_image": ["6", 0], "denoise": 1.0,
+           "8": node("DRMStepwiseKSampler", {"model": ["7", 0], "steps": 20, "latent_image": ["6", 0], "denoise": 1.0,
                                              **SAMPLING, **SEARCH}, "DRM Step-wise KSampler", [840, 0]),
            "9": dict(score(["8", 0]), _meta={"title": "Score"}, pos=[1260, 0]),
            "10": node("PreviewAny", {"source": ["9", 1]}, "Score", [1680, 0]),
            "11": node("VAEDecode", {"samples": ["8", 0], "vae": ["4", 0]}, "VAE Decode", [1260, 420]),
            "12": node("SaveImage", {"images": ["11", 0], "filename_prefix": "drm/lora_stepwise"}, "Save", [1680, 420])}),
     "drm_custom_sampler": base(
-        **{"6": node("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}, "Empty latent", [0, 760]),
+        **{"6": node("EmptySD3LatentImage", {**SIZE, "batch_size": 1}, "Empty latent", [0, 760]),
            "7": node("RandomNoise", {"noise_seed": 42}, "Noise", [420, 0]),
            "8": node("CFGGuider", {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 4.5},
                      "CFG guider", [420, 160]),
            "9": node("SamplerDRMStepwise", dict(SEARCH), "SamplerDRMStepwise", [420, 420]),
-           "10": node("BasicScheduler", {"model": ["1", 0], "scheduler": "simple", "steps": 8, "denoise": 1.0},
+           "10": node("BasicScheduler", {"model": ["1", 0], "scheduler": "simple", "steps": 20, "denoise": 1.0},
                       "Sigmas", [420, 800]),
            "11": node("SamplerCustomAdvanced", {"noise": ["7", 0], "guider": ["8", 0], "sampler": ["9", 0],
                                                 "sigmas": ["10", 0], "latent_image": ["6", 0]},
@@ -133,6 +138,18 @@ WORKFLOWS = {
            "14": node("VAEDecode", {"samples": ["11", 0], "vae": ["4", 0]}, "VAE Decode", [1260, 420]),
            "15": node("SaveImage", {"images": ["14", 0], "filename_prefix": "drm/custom_sampler"}, "Save",
                       [1680, 420])}),
+    # Draft-and-prune: 6 drafts to the middle step, the DRM scores them with their noise left in, and only
+    # the best 2 are finished (bench/world_stepwise.py measures it against step-wise search)
+    "drm_draft_and_prune": base(
+        **{"6": node("EmptySD3LatentImage", {**SIZE, "batch_size": 6}, "Empty latent (6 drafts)", [0, 760]),
+           "7": advanced(["6", 0], 0, 10, "Drafts: steps 0-10, noise left in", [420, 0]),
+           "8": dict(score(["7", 0], position="schedule", steps=20, step=10, model=["1", 0], top_k=2),
+                     _meta={"title": "DRM Score Latent (keeps the best 2 drafts)"}, pos=[840, 0]),
+           "9": advanced(["8", 2], 10, None, "Finish the kept drafts: steps 10-20", [1260, 0]),
+           "10": node("PreviewAny", {"source": ["8", 1]}, "Draft scores", [1260, 460]),
+           "11": node("VAEDecode", {"samples": ["9", 0], "vae": ["4", 0]}, "VAE Decode", [1680, 0]),
+           "12": node("SaveImage", {"images": ["11", 0], "filename_prefix": "drm/draft_and_prune"}, "Save",
+                      [2100, 0])}),
     # Real weights: SD3.5-Medium and an imported DiNa-LRM (README, "Real reward weights today")
     "drm_dina_best_of_batch": {
         "1": node("CheckpointLoaderSimple", {"ckpt_name": "sd3.5_medium.safetensors"}, "Load Checkpoint (SD3.5 Medium)",
@@ -167,9 +184,11 @@ def names_real_weights(api: dict) -> bool:
 
 def with_tiny_stand_ins(api: dict) -> dict:
     """An API workflow with the real files it names (SD3.5-M, its text encoders, a DiNa-LRM DRM) replaced by
-    the tiny ones `trainer demo --install` provides, at a size the tiny model takes; the rest is unchanged.
-    The server tests and the thumbnails run workflows this way: no real weights can be downloaded here."""
-    if not names_real_weights(api):  # the workflows made for the tiny model already name its files
+    tiny random-weight ones (tiny-sd35, tiny-dina, tiny-vae, tiny-prompt-t5-128, tiny-negative: the server
+    tests write them, `python -m trainer demo --tiny` makes them), at a size the tiny model takes; the rest
+    is unchanged. The server tests and the thumbnails run workflows this way: no real weights can be
+    downloaded here."""
+    if not names_real_weights(api):  # the other workflows name the shapes world's files, which are installed
         return api
     checkpoints = {k for k, n in api.items() if n["class_type"] == "CheckpointLoaderSimple"}
     api = json.loads(json.dumps(api))
@@ -284,7 +303,7 @@ def run(server: str, workflow: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default="http://127.0.0.1:8188")
-    parser.add_argument("--demo", type=Path, help="a finished `trainer demo` folder, for the README pictures")
+    parser.add_argument("--demo", type=Path, help="a finished `trainer demo` folder: its figures become the README's")
     args = parser.parse_args()
     from PIL import Image
 
@@ -295,7 +314,10 @@ def main() -> None:
         api = api_format(graph)
         (REPO / "workflows" / "api" / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n")
         (REPO / "workflows" / f"{name}.json").write_text(json.dumps(ui_format(graph, object_info), indent=2) + "\n")
-        outputs = run(args.server, with_tiny_stand_ins(api))
+        if names_real_weights(api):  # real SD3.5 files are not installed here: written, not run
+            print(f"{name}: written; not run (it names real SD3.5 weights), its pictures are kept")
+            continue
+        outputs = run(args.server, api)
         # <workflow>-<SaveImage prefix's last part>-<index in its batch>.png, so a name says what it shows
         saved = [(api[node]["inputs"]["filename_prefix"].split("/")[-1], j, img)
                  for node, out in sorted(outputs.items()) for j, img in enumerate(out.get("images", []))]
@@ -305,15 +327,14 @@ def main() -> None:
             target.write_bytes(request(args.server, f"/view?{query}"))
             if i == 0:
                 thumb = Image.open(target).convert("RGB")
-                thumb.thumbnail((256, 256))
+                scale = 256 / max(thumb.size)  # 64x64 world pictures grow, in sharp pixels
+                thumb = thumb.resize((round(thumb.width * scale), round(thumb.height * scale)),
+                                     Image.NEAREST if scale > 1 else Image.LANCZOS)
                 thumb.save(REPO / "workflows" / f"{name}.jpg", quality=90)
         print(f"{name}: {len(saved)} image(s)")
     if args.demo:
-        for source, target in (("grpo/reward_curve.png", "demo_reward_curve.png"), ("drm/curves.png", "demo_drm_curves.png"),
-                               ("grpo/eval/step0000.png", "demo_grid_before.png")):
-            shutil.copyfile(args.demo / source, pictures / target)
-        last = sorted((args.demo / "grpo" / "eval").glob("step*.png"))[-1]
-        shutil.copyfile(last, pictures / "demo_grid_after.png")
+        for name in ("euler_vs_stepwise.png", "grpo_before_after.png", "drm_accuracy_by_sigma.png"):
+            shutil.copyfile(args.demo / "figures" / name, pictures / f"demo_{name}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Screenshots of this pack in ComfyUI's own frontend, for the README.
 
-    python -m trainer demo --install          # the tiny files the workflows name, in ComfyUI/models
+    python -m trainer demo --install          # the world files the workflows name, in ComfyUI/models
     python main.py --cpu                       # in ComfyUI, with this pack in custom_nodes
     pip install playwright                     # drives a Chromium that is already installed
     python tools/node_pictures.py --server http://127.0.0.1:8188 --chromium /usr/bin/chromium

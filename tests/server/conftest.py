@@ -1,5 +1,5 @@
 """Server tier: one real ComfyUI server (from COMFYUI_PATH) for the whole session, with this pack
-installed as a custom node and the tiny models in its model folders.
+installed as a custom node, and the shapes world's and the tiny models in its model folders.
 
 Tests here talk to the server over HTTP only (standard library, no `requests`).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -141,8 +142,14 @@ def _free_port() -> int:
 
 
 def _build_models(models: Path) -> None:
-    """The files the example workflows name (what `python -m trainer demo --install` installs), made
-    directly from the tiny random-weight models in about a second: no training, no progress bars."""
+    """The files the example workflows name, in about a second: no training, no progress bars.
+
+    The shapes world's model, VAE and cached prompts as `python -m trainer demo --install` installs them,
+    with an untrained DRM and LoRA for it under the names the demo gives its trained ones; and the tiny
+    random-weight files that stand in for real SD3.5 weights (tools.build_workflows.with_tiny_stand_ins)
+    and that the other server tests name."""
+    from safetensors.torch import load_file
+
     from drm.checkpoint import atomic_save
     from drm.conditioning import save_conditioning
     from drm.tiny import (
@@ -151,8 +158,25 @@ def _build_models(models: Path) -> None:
         tiny_generator_state_dict,
         tiny_lora_state_dict,
     )
+    from drm.world import conditioning_file_name
+    from tools.build_workflows import WORLD_DRM, WORLD_LORA
     from trainer.import_dina import import_dina
+    from trainer.prompts import load_prompt_bank
     from trainer.synthetic import tiny_dina_snapshot, tiny_vae_state_dict
+    from trainer.world_data import GENERATOR, PROMPTS, VAE, WORLD_DIR
+
+    world = load_file(str(WORLD_DIR / GENERATOR))
+    shutil.copyfile(WORLD_DIR / GENERATOR, models / "diffusion_models" / GENERATOR)
+    shutil.copyfile(WORLD_DIR / VAE, models / "vae" / VAE)
+    atomic_save(tiny_adapter_drm_state_dict(world, blocks=2), models / "drm" / WORLD_DRM,
+                {"drm.format": "adapter", "drm.blocks": "2"})
+    atomic_save(tiny_lora_state_dict(world), models / "loras" / WORLD_LORA, {})
+    bank = load_prompt_bank(WORLD_DIR / PROMPTS)
+    for i, text in enumerate(bank.texts):
+        save_conditioning(models / "drm_conditioning" / conditioning_file_name(text), bank.context[i:i + 1],
+                          bank.pooled[i:i + 1], prompt=text)
+    save_conditioning(models / "drm_conditioning" / "world-empty.safetensors", bank.negative_context,
+                      bank.negative_pooled, prompt="")
 
     generator = tiny_generator_state_dict()
     atomic_save(generator, models / "diffusion_models" / "tiny-sd35.safetensors", {})

@@ -68,8 +68,9 @@ def test_scores_mid_graph_noisy_and_clean(server):
     """drm_score_midgraph: the KSamplerAdvanced latent with leftover noise and the finished one, both scored."""
     workflow, outputs = run_workflow(server, "drm_score_midgraph")
     noisy, clean = (parse_summary(outputs[n]["text"][0]) for n in ("11", "12"))
-    assert outputs["11"]["text"][0].startswith("DRM tiny-drm.safetensors, latents at sigma 0.7500")  # step 4 of 8, shift 3
-    assert outputs["12"]["text"][0].startswith("DRM tiny-drm.safetensors, latents at sigma 0.0000")
+    drm = workflow["5"]["inputs"]["drm_name"]
+    assert outputs["11"]["text"][0].startswith(f"DRM {drm}, latents at sigma 0.7500")  # step 10 of 20, shift 3
+    assert outputs["12"]["text"][0].startswith(f"DRM {drm}, latents at sigma 0.0000")
     batch = workflow["6"]["inputs"]["batch_size"]
     assert sorted(noisy) == sorted(clean) == list(range(batch))
     assert all(math.isfinite(v) for v in [*noisy.values(), *clean.values()])
@@ -83,6 +84,19 @@ def test_best_of_batch_keeps_the_top_scored_latent(server):
     assert len(ranked) == workflow["6"]["inputs"]["batch_size"] and scores == sorted(scores, reverse=True)
     assert len(set(scores)) == len(scores), scores
     assert len(outputs["11"]["images"]) == 1  # LatentFromBatch took one latent: the first of the sorted batch
+
+
+def test_draft_and_prune_finishes_only_the_best_drafts(server):
+    """drm_draft_and_prune: 6 drafts stop at step 10 of 20 with their noise, the DRM keeps the best 2 (scored
+    at that step's sigma), and only those 2 are finished and saved."""
+    workflow, outputs = run_workflow(server, "drm_draft_and_prune")
+    summary = outputs["10"]["text"][0]
+    drafts, kept = workflow["6"]["inputs"]["batch_size"], workflow["8"]["inputs"]["top_k"]
+    assert summary.startswith(f"DRM {workflow['5']['inputs']['drm_name']}, latents at sigma 0.7500"), summary
+    scores = list(parse_summary(summary).values())
+    assert len(scores) == drafts and scores == sorted(scores, reverse=True), summary
+    assert summary.count("(rejected)") == drafts - kept
+    assert len(outputs["12"]["images"]) == kept
 
 
 def test_dina_template_keeps_the_best_of_four_noised_as_its_authors_score(server):

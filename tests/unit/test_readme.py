@@ -54,8 +54,8 @@ def test_every_picture_the_readme_shows_exists():
     assert not missing, missing
 
 
-PLOTS = {"reward trace": "the step-wise sampler's trace_plot", "reward curve": "trainer grpo's reward_curve.png",
-         "DRM curves": "trainer drm's curves.png"}
+PLOTS = {"reward trace": "the step-wise sampler's trace_plot",
+         "DRM accuracy by noise level": "the demo's figures/drm_accuracy_by_sigma.png"}
 
 
 def white_fraction(path: Path) -> float:
