@@ -30,6 +30,22 @@ class ComfyUIImportFailed(ComfyUIUnavailable):
 COMFY_MODULES = ("comfy.model_management", "comfy.sd", "comfy.samplers", "comfy.sample", "folder_paths")
 
 
+# The trainer's own requirements (requirements.txt) that ComfyUI's do not bring.
+TRAINER_PACKAGES = ("safetensors", "einops", "transformers", "accelerate", "matplotlib")
+
+
+def missing_trainer_packages() -> str | None:
+    """None when the trainer's packages are installed, else a message naming them and the pip command."""
+    import importlib.util
+
+    missing = [name for name in TRAINER_PACKAGES if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    requirements = Path(__file__).resolve().parent.parent / "requirements.txt"
+    return (f"this Python environment lacks {', '.join(missing)}, which the trainer needs; install the pack's "
+            f"requirements: pip install -r {requirements}")
+
+
 def _is_comfyui_tree(path: Path) -> bool:
     return (path / "comfy" / "model_management.py").is_file() and (path / "folder_paths.py").is_file()
 
@@ -51,7 +67,8 @@ def locate_comfyui(explicit: str | os.PathLike | None = None) -> Path:
         if _is_comfyui_tree(path):
             return path.resolve()
         if source != "the ComfyUI containing this pack":
-            raise ComfyUINotFound(f"{source} points at {path}, which is not a ComfyUI tree (no comfy/ or folder_paths.py).")
+            raise ComfyUINotFound(f"{source} points at {path}, which is not a ComfyUI tree (no comfy/ or folder_paths.py); "
+                                  "point it at the folder that holds ComfyUI's main.py.")
     raise ComfyUINotFound(
         "ComfyUI was not found. Pass --comfyui /path/to/ComfyUI (e.g. `python -m trainer demo --comfyui PATH`), "
         "or set COMFYUI_PATH, or install this pack under ComfyUI/custom_nodes/ and run from the pack's folder."

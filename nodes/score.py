@@ -97,7 +97,9 @@ class DRMScoreLatent(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The positive prompt's SD3 conditioning; the DRM scores against it."),
                 io.Combo.Input("position", options=["sigma", "schedule"], default="sigma",
                                tooltip="How the latent's noise level is given: a sigma, or steps/scheduler/step as in "
-                                       "KSamplerAdvanced (end_at_step)."),
+                                       "KSamplerAdvanced (end_at_step). A LATENT carries no record of its noise, so "
+                                       "these must match the sampler that made it: a wrong level changes the scores "
+                                       "and what top_k keeps."),
                 io.Float.Input("sigma", default=0.0, min=0.0, max=0.999, step=0.001,
                                tooltip="Noise level of the latent when position = sigma. 0 means clean."),
                 io.Int.Input("steps", default=20, min=1, max=10000,

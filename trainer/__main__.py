@@ -48,7 +48,7 @@ def _run(argv: list[str] | None) -> int:
                       help="copy the world model, VAE, DRM, LoRA and prompts into ComfyUI's models folder, for the "
                            "example workflows")
     demo.add_argument("--tiny", action="store_true",
-                      help="every stage on a tiny random-weight model instead, in seconds (its pictures are noise)")
+                      help="every stage on a tiny random-weight model instead, in under a minute (its pictures are noise)")
     add_arguments(commands.add_parser("drm", parents=[uses_comfyui], help="train a DRM from preference pairs"),
                   DRMTrainConfig)
     add_arguments(commands.add_parser("grpo", parents=[uses_comfyui], help="Step-GRPO / GRPO fine-tuning to a ComfyUI LoRA"),
@@ -71,8 +71,12 @@ def _run(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from drm.host import ComfyUIUnavailable, import_comfy
+    from drm.host import ComfyUIUnavailable, import_comfy, missing_trainer_packages
 
+    missing = missing_trainer_packages()  # before any work, not when the first figure is drawn
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     try:
         import_comfy(args.comfyui)
     except ComfyUIUnavailable as e:
@@ -115,7 +119,9 @@ def _run(argv: list[str] | None) -> int:
             print(f"error: out of memory ({str(e).splitlines()[0][:160]}). Lower batch_size or resolution (or, for "
                   "grpo, group / branches); with --resume the run continues from its last checkpoint.", file=sys.stderr)
             return 2
-        except RunInterrupted:  # its message is printed; the checkpoint makes --resume continue exactly
+        except RunInterrupted as e:  # the checkpoint makes --resume continue exactly
+            if os.environ.get("RANK", "0") == "0":
+                print(e.args[0])
             return 130  # not 0: a script running `drm ... && grpo ...` must not go on as if training finished
     return 0
 

@@ -18,13 +18,18 @@ every stage on a random-weight model instead (trainer.tiny_demo), in seconds, wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-MARKER = "demo.json"
+MARKER = ".drm-demo"  # what marks a folder as a demo's, so the next demo may empty it
+MARKER_TEXT = "Written by `python -m trainer demo`: the next demo run into this folder replaces its files.\n"
+# Everything the demo and the tiny demo write at the top of their folder; anything else stops a rerun.
+DEMO_ENTRIES = {MARKER, ".lock", "demo.json", "figures", "pairs.safetensors", "drm", "grpo", "models", "data", "dina"}
 SHOWN = list(range(0, 60, 5))  # the 12 prompts the figures show: every shape, colour and background
 EULER_STEPS, CFG = 20, 4.0
 
@@ -35,16 +40,31 @@ def run_demo(out: str = "runs/demo", seed: int = 0, samples_per_prompt: int = 8,
 
     Raises ValueError when `out` cannot be the demo's folder, RunInterrupted when Ctrl-C stops a stage.
     """
+    with demo_folder(Path(out)) as root:
+        return world_demo(root, seed, samples_per_prompt, drm_steps, grpo_iterations, install_into)
+
+
+def world_demo(root: Path, seed: int, samples_per_prompt: int, drm_steps: int, grpo_iterations: int,
+               install_into: Path | None) -> dict:
+    """The four stages, written into `root`, an empty folder this process holds (demo_folder)."""
     import comfy.samplers
 
     from drm.runtime import load_drm
     from drm.stepwise import stepwise_ksampler
 
     from .grpo_train import GRPOConfig, train_grpo
-    from .world_data import GENERATOR, PROMPTS, WORLD_DIR, World, load_world, oracle_pairs, train_world_drm
+    from .world_data import (
+        GENERATOR,
+        PROMPTS,
+        WORLD_DIR,
+        World,
+        load_world,
+        oracle_pairs,
+        sample,
+        train_world_drm,
+    )
 
     start = time.perf_counter()
-    root = prepare_out(Path(out))
     figures = root / "figures"
     figures.mkdir()
     world = load_world()
@@ -57,15 +77,18 @@ def run_demo(out: str = "runs/demo", seed: int = 0, samples_per_prompt: int = 8,
     print(f"      {stats['samples']} samples, {stats['match_rate']:.0%} show their prompt; {stats['pairs']} pairs")
 
     print(f"\n[2/4] Training a DRM on those pairs ({drm_steps} steps, adapter mode, 20% of prompts held out)")
-    drm_file, accuracy = stage("2 (DRM training)", train_world_drm, pairs, root / "drm", drm_steps, seed)
+    drm_file, accuracy = stage("2 (DRM training)", train_world_drm, pairs, root, drm_steps, seed)
     accuracy_png(accuracy, figures / "drm_accuracy_by_sigma.png")
     drm = load_drm(drm_file, base_model=world.model, own_backbone=True)  # the LoRA'd clone below patches shared weights
     positive, _ = world.conditioning(rows)
 
     print("\n[3/4] Plain euler against DRM step-wise search (K = 4), from the same noise")
     euler = comfy.samplers.sampler_object("euler")
-    before = judged(world, drm, positive, rows, seed, euler)
-    stepwise = judged(world, drm, positive, rows, seed, stepwise_ksampler(drm, branches=4, seed=seed))
+    search = stepwise_ksampler(drm, branches=4, seed=seed)
+    for sampler in (euler, search):  # warm-up: first calls allocate, which belongs to neither sampler's time
+        sample(world, rows[:2], seed, CFG, steps=2, sampler=sampler)
+    before = judged("euler", world, drm, positive, rows, seed, euler)
+    stepwise = judged("step-wise K=4", world, drm, positive, rows, seed, search)
     grid_png(world.prompts.texts, {"euler": before, "step-wise K=4": stepwise}, figures / "euler_vs_stepwise.png")
 
     print(f"\n[4/4] Step-GRPO against that DRM ({grpo_iterations} iterations, K = 4 siblings, 10 steps)")
@@ -77,7 +100,8 @@ def run_demo(out: str = "runs/demo", seed: int = 0, samples_per_prompt: int = 8,
     stage("4 (Step-GRPO)", train_grpo, grpo_cfg)
     lora_file = root / "grpo" / f"{Path(GENERATOR).stem}-step-grpo.safetensors"
     # through ComfyUI's LoRA loader, after the base model's runs: the clone patches the shared weights
-    after = judged(World(with_lora(world.model, lora_file), world.vae, world.prompts), drm, positive, rows, seed, euler)
+    lora_world = World(with_lora(world.model, lora_file), world.vae, world.prompts)
+    after = judged("euler + LoRA", lora_world, drm, positive, rows, seed, euler)
     grid_png(world.prompts.texts, {"base": before, "+ Step-GRPO LoRA": after}, figures / "grpo_before_after.png")
 
     table = {"euler": before, "step-wise K=4": stepwise, "euler + Step-GRPO LoRA": after}
@@ -92,7 +116,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, samples_per_prompt: int = 8,
     summary = {"pairs": stats, "drm_eval": accuracy,
                "samplers": {k: {m: v for m, v in r.items() if m != "images"} for k, r in table.items()},
                "seconds": round(time.perf_counter() - start, 1)}
-    (root / MARKER).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (root / "demo.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(f"Figures in {figures}: euler_vs_stepwise.png, grpo_before_after.png, drm_accuracy_by_sigma.png; "
           f"the Step-GRPO reward curve is grpo/reward_curve.png")
     if install_into is not None:
@@ -113,8 +137,9 @@ def with_lora(model, lora_file: Path):
     return comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)[0]
 
 
-def judged(world, drm, positive, rows: list[int], seed: int, sampler) -> dict:
-    """Sample every row once with `sampler` (seed `seed`), then the oracle's and the DRM's verdicts.
+def judged(label: str, world, drm, positive, rows: list[int], seed: int, sampler) -> dict:
+    """Sample every row once with `sampler` (seed `seed`), then the oracle's and the DRM's verdicts,
+    printed on one line under `label`.
 
     Returns {"oracle": mean score in [0, 2], "match": share showing the prompt, "drm": mean DRM score,
     "seconds": sampling time, "images": [len(rows), 3, 64, 64], "scores": per-picture oracle scores,
@@ -129,6 +154,8 @@ def judged(world, drm, positive, rows: list[int], seed: int, sampler) -> dict:
     seconds = time.perf_counter() - began
     images = decode(world, latents)
     verdict = judge(images, [world.prompts.texts[r] for r in rows])
+    print(f"      {label}: oracle {verdict.score.mean().item():.3f}, {verdict.matches.float().mean().item():.0%} show "
+          f"their prompt ({seconds:.1f} s)")
     return {"oracle": verdict.score.mean().item(), "match": verdict.matches.float().mean().item(),
             "drm": statistics.fmean(drm.score_latents(latents, 0.0, positive).tolist()), "seconds": seconds,
             "images": images, "scores": verdict.score.tolist(), "matches": verdict.matches.tolist()}
@@ -222,15 +249,37 @@ def stage(name: str, train, *args):
                              "the demo folder; run the demo again to start over.") from None
 
 
-def prepare_out(root: Path) -> Path:
-    """A clean demo folder; a folder that is not an earlier demo's is left alone."""
+@contextlib.contextmanager
+def demo_folder(root: Path) -> Iterator[Path]:
+    """Hold `root` for one demo run (trainer.runs.out_lock), emptied of an earlier demo's files.
+
+    Refuses, with ValueError and before changing anything, a path that cannot be a folder, a folder that
+    is not an earlier demo's (no MARKER), one that holds anything a demo does not write, and one this
+    process cannot write to. A folder another run is writing into is refused by the lock.
+    """
+    from .runs import out_lock
+
     blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"out: {root} cannot be a folder: {blocking} is a file; choose another --out")
-    if root.exists() and any(root.iterdir()):
-        if not (root / MARKER).exists():
+    if root.is_dir() and any(root.iterdir()):
+        if not (root / MARKER).is_file():
             raise ValueError(f"out: {root} exists and is not a demo folder; choose another --out")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text("{}", encoding="utf-8")
-    return root
+        strangers = sorted(p.name for p in root.iterdir() if p.name not in DEMO_ENTRIES)
+        if strangers:
+            raise ValueError(f"out: {root} holds {', '.join(strangers[:3])}, which no demo writes; move "
+                             f"{'it' if len(strangers) == 1 else 'them'} out, or choose another --out")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MARKER).write_text(MARKER_TEXT, encoding="utf-8")  # also proves that the folder is writable
+    except OSError as e:
+        raise ValueError(f"out: cannot write into {root} ({e.strerror or e}); choose a folder you can write to") from None
+    with out_lock(root):
+        for entry in root.iterdir():
+            if entry.name in (MARKER, ".lock"):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        yield root

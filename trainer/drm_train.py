@@ -393,9 +393,7 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
                 _save(accelerator, out, model, optimizer, scheduler, step)
     if stopping:
         message = f"Interrupted at step {step}; a checkpoint is saved. Continue with --resume."
-        if accelerator.is_main_process:
-            print(message)
-        raise RunInterrupted(message)
+        raise RunInterrupted(message)  # the command line prints it; the demo says it in its own words
     _save(accelerator, out, model, optimizer, scheduler, step)
     if accelerator.is_main_process:
         path = write_drm(cfg, accelerator.unwrap_model(model), base.name, step, last_eval)

@@ -488,9 +488,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 _save(accelerator, out, policy, ema, params, optimizer, scheduler, iteration, cfg, base.name)
     if stopping:
         message = f"Interrupted at iteration {iteration}; a checkpoint is saved. Continue with --resume."
-        if accelerator.is_main_process:
-            print(message)
-        raise RunInterrupted(message)
+        raise RunInterrupted(message)  # the command line prints it; the demo says it in its own words
     _save(accelerator, out, policy, ema, params, optimizer, scheduler, iteration, cfg, base.name)
     if accelerator.is_main_process:
         final = out / f"{base.name}-{cfg.algorithm}.safetensors"

@@ -21,6 +21,16 @@ import torch
 
 
 def run_tiny_demo(out: str = "runs/demo-tiny", seed: int = 0, drm_steps: int = 120, grpo_iterations: int = 30) -> dict:
+    """Run the stages; returns the summary (also written to <out>/demo.json). Raises ValueError when
+    `out` cannot be the demo's folder (trainer.demo.demo_folder), RunInterrupted when Ctrl-C stops a stage."""
+    from .demo import demo_folder
+
+    with demo_folder(Path(out)) as root:
+        return tiny_demo(root, seed, drm_steps, grpo_iterations)
+
+
+def tiny_demo(root: Path, seed: int, drm_steps: int, grpo_iterations: int) -> dict:
+    """The stages, written into `root`, an empty folder this process holds."""
     import comfy.sample
     import comfy.samplers
     import comfy.sd
@@ -32,7 +42,7 @@ def run_tiny_demo(out: str = "runs/demo-tiny", seed: int = 0, drm_steps: int = 1
     from drm.stepwise import schedule_sigmas, stepwise_ksampler
     from drm.tiny import tiny_conditioning, tiny_generator_state_dict
 
-    from .demo import MARKER, prepare_out, stage
+    from .demo import stage
     from .drm_train import DRMTrainConfig, train_drm
     from .grpo_train import GRPOConfig, train_grpo
     from .import_dina import import_dina
@@ -40,7 +50,6 @@ def run_tiny_demo(out: str = "runs/demo-tiny", seed: int = 0, drm_steps: int = 1
     from .synthetic import synthetic_latent_pairs, tiny_dina_snapshot, tiny_vae_state_dict
 
     start = time.perf_counter()
-    root = prepare_out(Path(out))
     for sub in ("models", "data"):
         (root / sub).mkdir()
     print("DRM demo on a TINY RANDOM-WEIGHT stand-in for SD3.5-Medium (depth 2, hidden 128, 64x64 pixels).")
@@ -108,7 +117,7 @@ def run_tiny_demo(out: str = "runs/demo-tiny", seed: int = 0, drm_steps: int = 1
             print(f"{label:<22}{name:<22}{score:>15.4f}")
 
     summary = {"drm_eval": accuracy, "grpo_eval_rewards": rewards, "seconds": round(time.perf_counter() - start, 1)}
-    (root / MARKER).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (root / "demo.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print("\nDRM held-out accuracy by noise level: "
           + ", ".join(f"sigma {k[10:].replace('_', '-')}: {v:.2f}" for k, v in accuracy.items() if k.startswith("acc_")))
     print(f"Step-GRPO eval reward (ODE samples, DRM): {rewards[0]:+.3f} before -> {rewards[-1]:+.3f} after")

@@ -54,6 +54,16 @@ def load_world(folder: str | Path = WORLD_DIR) -> World:
     return World(model, vae, load_prompt_bank(folder / PROMPTS))
 
 
+def check_rows(world: World, rows) -> None:
+    """Raise ValueError unless `rows` is a non-empty list of the prompt bank's row numbers."""
+    count = len(world.prompts)
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise ValueError(f"rows: expected a non-empty list of prompt rows (0..{count - 1}), got {rows!r}")
+    bad = [r for r in rows if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < count]
+    if bad:
+        raise ValueError(f"rows: {bad[:5]} are not prompt rows of the bank; expected integers in 0..{count - 1}")
+
+
 @torch.no_grad()
 def sample(world: World, rows: list[int], seed: int, cfg: float | list[float] = 4.5, steps: int = 20,
            sampler=None, sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,14 +72,22 @@ def sample(world: World, rows: list[int], seed: int, cfg: float | list[float] = 
     cfg: one scale, or one per row (rows are then sampled in groups of equal scale). sampler: a
     ComfyUI KSAMPLER (default euler); sigmas: its schedule (default `simple` at `steps`). Item i's
     starting noise is ComfyUI's prepare_noise for (seed, batch index i), as KSampler draws it, unless
-    `noise` [len(rows), 16, 8, 8] is given.
+    `noise` [len(rows), 16, 8, 8] is given. Raises ValueError on rows that are not prompts of the bank,
+    a cfg list or noise that does not fit them, and steps < 1.
     """
     import comfy.sample
     import comfy.samplers
 
     from drm.stepwise import schedule_sigmas
 
+    check_rows(world, rows)
     scales = [cfg] * len(rows) if isinstance(cfg, (int, float)) else list(cfg)
+    if len(scales) != len(rows):
+        raise ValueError(f"cfg: {len(scales)} scales for {len(rows)} rows; give one scale, or one per row")
+    if noise is not None and tuple(noise.shape) != (len(rows), 16, 8, 8):
+        raise ValueError(f"noise: shape {tuple(noise.shape)}, expected {(len(rows), 16, 8, 8)} (one per row)")
+    if sigmas is None and steps < 1:
+        raise ValueError(f"steps: {steps}, expected >= 1")
     if sampler is None:
         sampler = comfy.samplers.sampler_object("euler")
     if sigmas is None:
@@ -104,8 +122,10 @@ def oracle_pairs(world: World, rows: list[int], samples_per_prompt: int = 8, see
 
     from .data import EncodedPairs
 
-    if samples_per_prompt < 2:
-        raise ValueError(f"samples_per_prompt is {samples_per_prompt}; pairs need at least 2 samples per prompt.")
+    if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt is {samples_per_prompt!r}; pairs need at least 2 samples per prompt "
+                         "(a whole number).")
+    check_rows(world, rows)
     import comfy.sample
 
     bank = world.prompts
@@ -137,10 +157,18 @@ def train_world_drm(pairs, folder: str | Path, steps: int = 300, seed: int = 0, 
 
     pairs: EncodedPairs (oracle_pairs); folder: where the pairs file and the run go. Returns the DRM
     file and the trainer's held-out evaluation (accuracy per sigma bucket, on held-out prompts).
+    Raises ValueError, before writing anything, on steps < 1, a holdout outside (0, 1) and a folder
+    that already holds a DRM run.
     """
     from .drm_train import DRMTrainConfig, train_drm
 
     folder = Path(folder)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: {steps!r}, expected a whole number >= 1")
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout: {holdout!r}, expected a share of the prompts between 0 and 1")
+    if (folder / "drm").is_dir() and any((folder / "drm").iterdir()):
+        raise ValueError(f"folder: {folder / 'drm'} already holds a DRM run; give train_world_drm another folder")
     folder.mkdir(parents=True, exist_ok=True)
     pairs.save(folder / "pairs.safetensors")
     cfg = DRMTrainConfig(base=str(WORLD_DIR / GENERATOR), data=str(folder / "pairs.safetensors"),

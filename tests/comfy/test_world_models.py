@@ -90,3 +90,32 @@ def test_a_world_drm_trains_on_oracle_pairs_and_scores_the_world(world_files, pa
     positive, _ = world.conditioning([0, 20])
     scores = drm.score_latents(pairs.preferred[:2], 0.0, positive)
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_bad_rows_cfg_noise_and_steps_are_refused_by_name(world_files, pack, tmp_path):
+    from trainer.world_data import load_world, oracle_pairs, sample, train_world_drm
+
+    world = load_world(WORLD)
+    for rows in ([], [60], [-1], [0.5], torch.tensor([0])):
+        with pytest.raises(ValueError, match=r"rows: .*0\.\.59"):
+            sample(world, rows, 0, steps=2)
+    with pytest.raises(ValueError, match="cfg: 1 scales for 3 rows; give one scale, or one per row"):
+        sample(world, [0, 1, 2], 0, cfg=[4.0], steps=2)
+    with pytest.raises(ValueError, match=r"noise: shape \(1, 16, 8, 8\), expected \(2, 16, 8, 8\)"):
+        sample(world, [0, 1], 0, steps=2, noise=torch.zeros(1, 16, 8, 8))
+    with pytest.raises(ValueError, match="steps: 0, expected >= 1"):
+        sample(world, [0], 0, steps=0)
+    with pytest.raises(ValueError, match=r"at least 2 samples per prompt \(a whole number\)"):
+        oracle_pairs(world, [0], samples_per_prompt=2.5)
+    with pytest.raises(ValueError, match="rows: "):
+        oracle_pairs(world, [], samples_per_prompt=2)
+    pairs, _ = oracle_pairs(world, [0, 1, 2, 3], samples_per_prompt=4, seed=3)
+    for kwargs, message in (({"steps": 0}, "steps: 0, expected a whole number >= 1"),
+                            ({"holdout": 1.0}, "holdout: 1.0, expected a share")):
+        with pytest.raises(ValueError, match=message):
+            train_world_drm(pairs, tmp_path / "bad", **kwargs)
+        assert not (tmp_path / "bad").exists()  # refused before writing the pairs
+    (tmp_path / "used" / "drm").mkdir(parents=True)
+    (tmp_path / "used" / "drm" / "metrics.csv").write_text("step\n")
+    with pytest.raises(ValueError, match="already holds a DRM run; give train_world_drm another folder"):
+        train_world_drm(pairs, tmp_path / "used")

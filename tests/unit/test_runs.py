@@ -190,3 +190,15 @@ def test_running_out_of_memory_is_one_line_with_the_fix(monkeypatch, capsys):
     assert cli.main(["drm", "--out", "/tmp/never-written-by-this-test"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: out of memory") and "Lower batch_size" in err and "Traceback" not in err
+
+
+def test_a_missing_trainer_package_is_named_before_any_work(monkeypatch, capsys, tmp_path):
+    """ComfyUI's requirements lack some of the trainer's (matplotlib, accelerate): say so before a run starts."""
+    import drm.host
+    from trainer.__main__ import main
+
+    monkeypatch.setattr(drm.host, "TRAINER_PACKAGES", (*drm.host.TRAINER_PACKAGES, "no_such_package_for_drm"))
+    assert main(["demo", "--tiny", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "lacks no_such_package_for_drm" in err and "pip install -r" in err and "requirements.txt" in err, err
+    assert not (tmp_path / "demo").exists()
