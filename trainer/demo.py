@@ -217,23 +217,15 @@ def accuracy_png(accuracy: dict, path: Path) -> None:
 def install(world, drm_file: Path, lora_file: Path, models: Path) -> None:
     """Copy what the example workflows name into ComfyUI's model folders: the world model and VAE, the
     DRM, the LoRA, and every prompt's cached conditioning (plus world-empty, the negative)."""
-    from drm.conditioning import save_conditioning
-    from drm.world import conditioning_file_name
-
-    from .world_data import GENERATOR, VAE, WORLD_DIR
+    from .world_data import GENERATOR, VAE, WORLD_DIR, save_conditioning_files
 
     copies = {WORLD_DIR / GENERATOR: models / "diffusion_models" / GENERATOR, WORLD_DIR / VAE: models / "vae" / VAE,
               drm_file: models / "drm" / drm_file.name, lora_file: models / "loras" / lora_file.name}
     for source, target in copies.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-    bank = world.prompts
-    for i, text in enumerate(bank.texts):
-        save_conditioning(models / "drm_conditioning" / conditioning_file_name(text), bank.context[i:i + 1],
-                          bank.pooled[i:i + 1], prompt=text)
-    save_conditioning(models / "drm_conditioning" / "world-empty.safetensors", bank.negative_context,
-                      bank.negative_pooled, prompt="")
-    print(f"Installed the world model, its VAE, {drm_file.name}, {lora_file.name} and {len(bank.texts) + 1} cached "
+    prompts = save_conditioning_files(world.prompts, models / "drm_conditioning")
+    print(f"Installed the world model, its VAE, {drm_file.name}, {lora_file.name} and {prompts} cached "
           f"prompts into {models}: the example workflows in workflows/ now run as they are.")
 
 

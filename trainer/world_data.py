@@ -17,6 +17,7 @@ import torch
 
 WORLD_DIR = Path(__file__).resolve().parent.parent / "world"
 GENERATOR, VAE, PROMPTS = "sd35-world.safetensors", "taesd3-world.safetensors", "prompts.safetensors"
+NEGATIVE_FILE = "world-empty.safetensors"  # the empty prompt's cached conditioning, the workflows' negative
 CFG_SPREAD = (1.5, 3.0, 4.5, 6.0)  # one sample in four at each; 1.5 often misses the prompt, 4.5 seldom
 
 
@@ -52,6 +53,20 @@ def load_world(folder: str | Path = WORLD_DIR) -> World:
     model = comfy.sd.load_diffusion_model(str(folder / GENERATOR))
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(folder / VAE), safe_load=True))
     return World(model, vae, load_prompt_bank(folder / PROMPTS))
+
+
+def save_conditioning_files(bank, folder: Path) -> int:
+    """Every prompt of `bank` (a PromptBank) as a cached-conditioning file in `folder`, named by
+    drm.world.conditioning_file_name, plus its negative as NEGATIVE_FILE: what DRM Load Cached
+    Conditioning reads from ComfyUI's models/drm_conditioning. Returns the number of files written."""
+    from drm.conditioning import save_conditioning
+    from drm.world import conditioning_file_name
+
+    for i, text in enumerate(bank.texts):
+        save_conditioning(folder / conditioning_file_name(text), bank.context[i:i + 1], bank.pooled[i:i + 1],
+                          prompt=text)
+    save_conditioning(folder / NEGATIVE_FILE, bank.negative_context, bank.negative_pooled, prompt="")
+    return len(bank.texts) + 1
 
 
 def check_rows(world: World, rows) -> None:
@@ -118,6 +133,8 @@ def oracle_pairs(world: World, rows: list[int], samples_per_prompt: int = 8, see
     with the i-th of the worse half when it beats it by more than `margin`. Returns
     (trainer.data.EncodedPairs, stats dict with the match rate and the number of pairs).
     """
+    import comfy.sample
+
     from drm.world import judge
 
     from .data import EncodedPairs
@@ -126,8 +143,6 @@ def oracle_pairs(world: World, rows: list[int], samples_per_prompt: int = 8, see
         raise ValueError(f"samples_per_prompt is {samples_per_prompt!r}; pairs need at least 2 samples per prompt "
                          "(a whole number).")
     check_rows(world, rows)
-    import comfy.sample
-
     bank = world.prompts
     # All prompts in one batch per CFG scale (far faster than one prompt at a time); prompt n's samples
     # still start from the noise of seed + 1000 n.

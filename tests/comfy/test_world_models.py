@@ -19,20 +19,15 @@ WORLD = Path(__file__).resolve().parents[2] / "world"
 def world_files(models_dir, pack):
     import folder_paths
 
-    from drm.conditioning import save_conditioning
-    from drm.world import conditioning_file_name
     from trainer.prompts import load_prompt_bank
+    from trainer.world_data import save_conditioning_files
 
     for name, folder in (("sd35-world.safetensors", "diffusion_models"), ("taesd3-world.safetensors", "vae")):
         (models_dir / folder).mkdir(exist_ok=True)
         shutil.copy(WORLD / name, models_dir / folder / name)
     folder_paths.add_model_folder_path("vae", str(models_dir / "vae"), is_default=True)
     bank = load_prompt_bank(WORLD / "prompts.safetensors")
-    for i, text in enumerate(bank.texts):
-        save_conditioning(models_dir / "drm_conditioning" / conditioning_file_name(text), bank.context[i:i + 1],
-                          bank.pooled[i:i + 1], prompt=text)
-    save_conditioning(models_dir / "drm_conditioning" / "world-empty.safetensors", bank.negative_context,
-                      bank.negative_pooled, prompt="")
+    save_conditioning_files(bank, models_dir / "drm_conditioning")
     return bank
 
 

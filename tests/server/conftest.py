@@ -158,12 +158,11 @@ def _build_models(models: Path) -> None:
         tiny_generator_state_dict,
         tiny_lora_state_dict,
     )
-    from drm.world import conditioning_file_name
     from tools.build_workflows import WORLD_DRM, WORLD_LORA
     from trainer.import_dina import import_dina
     from trainer.prompts import load_prompt_bank
     from trainer.synthetic import tiny_dina_snapshot, tiny_vae_state_dict
-    from trainer.world_data import GENERATOR, PROMPTS, VAE, WORLD_DIR
+    from trainer.world_data import GENERATOR, PROMPTS, VAE, WORLD_DIR, save_conditioning_files
 
     world = load_file(str(WORLD_DIR / GENERATOR))
     shutil.copyfile(WORLD_DIR / GENERATOR, models / "diffusion_models" / GENERATOR)
@@ -171,12 +170,7 @@ def _build_models(models: Path) -> None:
     atomic_save(tiny_adapter_drm_state_dict(world, blocks=2), models / "drm" / WORLD_DRM,
                 {"drm.format": "adapter", "drm.blocks": "2"})
     atomic_save(tiny_lora_state_dict(world), models / "loras" / WORLD_LORA, {})
-    bank = load_prompt_bank(WORLD_DIR / PROMPTS)
-    for i, text in enumerate(bank.texts):
-        save_conditioning(models / "drm_conditioning" / conditioning_file_name(text), bank.context[i:i + 1],
-                          bank.pooled[i:i + 1], prompt=text)
-    save_conditioning(models / "drm_conditioning" / "world-empty.safetensors", bank.negative_context,
-                      bank.negative_pooled, prompt="")
+    save_conditioning_files(load_prompt_bank(WORLD_DIR / PROMPTS), models / "drm_conditioning")
 
     generator = tiny_generator_state_dict()
     atomic_save(generator, models / "diffusion_models" / "tiny-sd35.safetensors", {})
