@@ -1,118 +1,192 @@
-"""Cost of one DRM scoring call relative to one generator call on the same latents, side by side.
+"""Cost of DRM scoring against one generator call on the same latents, side by side, and its peak memory.
 
-    python bench/drm_cost.py [--depth 8] [--resolution 256] [--batch 2] [--dtype fp32] [--comfyui PATH]
+    python bench/drm_cost.py [--depth 8] [--resolution 256] [--candidates 2] [--dtype fp32] [--comfyui PATH]
 
-All models are random-weight SD3.5-architecture MMDiTs. Two DRMs are timed against the generator:
-- the paper's (ConvGN head), keeping depth - 3 blocks as the 2BConvGN variant does: expected ratio
-  about (depth - 3) / depth, plus the head;
-- DiNa-LRM's (query-attention head on image and text taps, LoRA on the generator's own blocks),
-  keeping depth / 2 blocks as the released 12-of-24 model does: about 1/2, plus the LoRA and the head.
-On a GPU it also prints each call's peak memory. Use --depth 24 --resolution 512 --dtype bf16 on a
-GPU for SD3.5-Medium's size (the tiny position embedding covers up to 512 px).
+SD3.5-Medium's size, K = 1, 2 and 4 candidates at 1024x1024 (on a GPU, add more: --candidates 1,4,16,64):
+
+    python bench/drm_cost.py --depth 24 --resolution 1024 --dtype bf16 --candidates 1,2,4 --repeats 2
+
+All models are random-weight SD3.5-architecture MMDiTs (depth 24 is SD3.5-M: hidden 1536, 24 heads, x-block
+self-attention in the first 13 blocks). Both DRMs run on the generator's own blocks, as an adapter DRM or an
+imported DiNa-LRM does (a `full` DRM's own copy computes the same):
+- the paper's (ConvGN head) keeps depth - 3 blocks, as the 2BConvGN variant does: expected ratio about
+  (depth - 3) / depth, plus the final layer and head;
+- DiNa-LRM's keeps depth / 2 blocks, as the released 12-of-24 model does, with its rank-64 LoRA and its
+  query-attention head on the image and text tokens after blocks depth/6, depth/3 and depth/2: about 1/2.
+Each is called with K latents (the K candidates of one step-wise search step) and 154 context tokens (SD3.5's
+77 CLIP + 77 T5 in ComfyUI).
+
+Peak memory is what one call allocates above the weights and inputs: on a GPU, torch.cuda.max_memory_allocated;
+on the CPU, the most tensor storage alive at once, counted op by op (a kernel's private workspace and the
+allocator's overhead are not included). From the largest K's figure the bench estimates how many candidates fit in one call in the
+memory free now; drm.runtime splits a batch that does not fit in halves, after the out-of-memory error.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+GiB = 2**30
+CONTEXT_TOKENS = 154
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+def timed(fn) -> float:
+    """Seconds for one call of fn, waiting for the GPU to finish."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+class TensorMemory(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once among the storages that ops create inside this mode
+    (a kernel's private workspace is not a tensor and is not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()  # a view or in-place result shares an input's storage: not new
+                if key not in self._sizes and key not in inputs and storage.nbytes():
+                    self._sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key)
+        return out
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+
+def peak_bytes(fn) -> int:
+    """Bytes one call of fn allocates above what is allocated before it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - start)
-    return out
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with TensorMemory() as counted:
+        fn()
+    return counted.peak
+
+
+def candidate_counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(k) for k in text.split(",")})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected candidate counts of at least 1, comma-separated, "
+                                         "e.g. 1,2,4")
+    return counts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--skip", type=int, default=3, help="blocks the DRM leaves out (default 3)")
+    parser.add_argument("--depth", type=int, default=8, help="joint blocks of the generator (24: SD3.5-M)")
+    parser.add_argument("--skip", type=int, default=3, help="blocks the paper's DRM leaves out (default 3)")
     parser.add_argument("--resolution", type=int, default=256, help="image pixels (latent = resolution / 8)")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--candidates", type=candidate_counts, default=[2],
+                        help="latents per call, comma-separated (default 2)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per model and K (default 10)")
     parser.add_argument("--comfyui", help="ComfyUI tree (default: $COMFYUI_PATH)")
     args = parser.parse_args()
+    if args.depth < 2 or not 0 < args.skip < args.depth:
+        parser.error(f"--depth {args.depth} --skip {args.skip}: expected depth >= 2 and 0 < skip < depth")
+    if args.resolution < 16 or args.resolution % 16:
+        parser.error(f"--resolution {args.resolution}: expected a multiple of 16 (the MMDiT's 2x2 latent patches)")
 
     from drm.host import import_comfy_or_exit
 
     import_comfy_or_exit(args.comfyui)
+    import comfy.ldm.modules.attention
     import comfy.model_management
-    import comfy.ops
-    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    from drm.head import DiNaHead
     from drm.lora import LoRA, target_paths
-    from drm.model import DRM, build_drm
-    from drm.tiny import tiny_conditioning, tiny_drm_state_dict, tiny_generator_state_dict
+    from drm.model import DRM, new_final_layer, new_head
+    from drm.tiny import POS_EMBED_MAX, init_random_, tiny_conditioning, tiny_generator_config
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = comfy.model_management.get_torch_device()
-    generator_sd = tiny_generator_state_dict(depth=args.depth)
+    config = tiny_generator_config(args.depth, pos_embed_max=max(POS_EMBED_MAX, args.resolution // 16))
+    # Plain torch layers, allocated once (ComfyUI's ops would skip initialisation, or the weights, under Dynamic VRAM).
+    generator = MMDiT(**config, operations=torch.nn, dtype=dtype, device="meta").to_empty(device=device)
+    init_random_(generator)
+
     blocks = args.depth - args.skip
-    drm = build_drm(tiny_drm_state_dict(generator_sd, blocks=blocks), blocks=blocks,
-                    operations=comfy.ops.disable_weight_init).to(device, dtype).eval()
-    generator = comfy.sd.load_diffusion_model_state_dict(generator_sd).model.diffusion_model.to(device, dtype).eval()
-    dina_blocks = max(1, args.depth // 2)
+    paper_drm = DRM(generator, blocks, new_final_layer(generator, dtype, device, torch.nn),
+                    new_head(None, generator, torch.float32, device, torch.nn), shared_backbone=True)
+    dina_blocks = args.depth // 2
     taps = tuple(sorted({max(1, dina_blocks // 3), max(1, 2 * dina_blocks // 3), dina_blocks}))
     lora = LoRA.for_module(generator, target_paths(generator, blocks=dina_blocks + 1), rank=64, alpha=128).to(device, dtype)
-    dina = DRM(generator, dina_blocks, None, DiNaHead(generator.hidden_size, generator.hidden_size, taps, taps),
-               lora=lora, shared_backbone=True).to(device).eval()
+    dina_head = new_head({"kind": "dina", "image_taps": taps, "text_taps": taps}, generator, torch.float32, device)
+    dina = DRM(generator, dina_blocks, None, dina_head, lora=lora, shared_backbone=True)
+    for module in (generator, paper_drm, dina):
+        module.requires_grad_(False).eval()
 
-    latent = args.resolution // 8
-    x = torch.randn(args.batch, 16, latent, latent, device=device, dtype=dtype)
-    t = torch.full((args.batch,), 500.0, device=device, dtype=dtype)
-    cond = tiny_conditioning(batch=args.batch, tokens=77)
-    context, pooled = cond[0][0].to(device, dtype), cond[0][1]["pooled_output"].to(device, dtype)
+    attention = comfy.ldm.modules.attention.optimized_attention.__name__
+    print(f"device {device}, {args.dtype}, depth {args.depth} (hidden {generator.hidden_size}), "
+          f"{args.resolution}x{args.resolution}, attention {attention}, {args.repeats} interleaved repeats")
+    print(f"DRM (ConvGN): {blocks} blocks; DiNa-LRM: {dina_blocks} blocks, taps {list(taps)}, rank-64 LoRA")
+    print(f"{'K':>3} {'model':14} {'ms / call':>10} {'ms / latent':>12} {'x generator':>12} {'peak GiB':>9}")
+    largest = {}
+    for k in args.candidates:
+        latent = args.resolution // 8
+        x = torch.randn(k, 16, latent, latent, device=device, dtype=dtype)
+        t = torch.full((k,), 500.0, device=device)  # float32, as ComfyUI passes timesteps
+        cond = tiny_conditioning(batch=k, tokens=CONTEXT_TOKENS)
+        context, pooled = cond[0][0].to(device, dtype), cond[0][1]["pooled_output"].to(device, dtype)
+        calls = {
+            "generator": functools.partial(generator, x, t, context=context, y=pooled),
+            "DRM (ConvGN)": functools.partial(paper_drm, x, t, context, pooled),
+            "DiNa-LRM": functools.partial(dina, x, t, context, pooled),
+        }
+        with torch.no_grad():
+            peak = {name: peak_bytes(fn) for name, fn in calls.items()}  # also the warm-up
+            times = {name: [] for name in calls}
+            for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
+                for name, fn in calls.items():
+                    times[name].append(timed(fn))
+        median = {name: statistics.median(t) for name, t in times.items()}
+        for name in calls:
+            print(f"{k:>3} {name:14} {median[name] * 1e3:10.1f} {median[name] * 1e3 / k:12.1f} "
+                  f"{median[name] / median['generator']:12.3f} {peak[name] / GiB:9.3f}")
+        largest = {name: peak[name] / k for name in calls}
 
-    with torch.no_grad():
-        def run_generator():
-            generator(x, t, context=context, y=pooled)
-
-        def run_drm():
-            drm(x, t, context, pooled)
-
-        def run_dina():
-            dina(x, t.float(), context, pooled)
-
-        calls = {"generator": run_generator, "DRM (ConvGN)": run_drm, "DiNa-LRM": run_dina}
-        peak = {}
-        for name, fn in calls.items():  # warm-up, and each call's peak memory on a GPU
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            timed(fn, 2)
-            if torch.cuda.is_available():
-                peak[name] = torch.cuda.max_memory_allocated() / 2**30
-        times = {name: [] for name in calls}
-        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
-            for name, fn in calls.items():
-                times[name] += timed(fn, 1)
-
-    median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"device {device}, {args.dtype}, depth {args.depth} (hidden {64 * args.depth}), "
-          f"{args.resolution}x{args.resolution}, batch {args.batch}, {args.repeats} interleaved repeats")
-    for name in calls:
-        memory = f", peak {peak[name]:.2f} GiB" if name in peak else ""
-        print(f"{name:16s} median {median[name] * 1e3:8.2f} ms{memory}")
-    g = median["generator"]
-    print(f"ratio DRM (ConvGN, {blocks} blocks) / generator: {median['DRM (ConvGN)'] / g:.3f}   "
-          f"(expected about {blocks / args.depth:.3f} plus the head)")
-    print(f"ratio DiNa-LRM ({dina_blocks} blocks, taps {list(taps)}) / generator: {median['DiNa-LRM'] / g:.3f}   "
-          f"(expected about {dina_blocks / args.depth:.3f} plus the LoRA and the head)")
+    print(f"expected x generator: DRM (ConvGN) about {blocks / args.depth:.3f} plus the head, "
+          f"DiNa-LRM about {dina_blocks / args.depth:.3f} plus the LoRA and the head")
+    free = comfy.model_management.get_free_memory(device)
+    fits = {name: int(free // per) if per else None for name, per in largest.items()}
+    print(f"free {'GPU ' if device.type == 'cuda' else ''}memory now {free / GiB:.1f} GiB; at "
+          f"{largest['DiNa-LRM'] / GiB:.3f} GiB per latent (K = {args.candidates[-1]}) about {fits['DiNa-LRM']} "
+          f"DiNa-LRM candidates fit in one call, and {fits['DRM (ConvGN)']} for the paper's DRM. drm.runtime "
+          "scores a batch that does not fit in halves.")
 
 
 if __name__ == "__main__":

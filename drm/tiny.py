@@ -22,15 +22,16 @@ POOLED_DIM = 2048
 POS_EMBED_MAX = 32  # latents up to 64x64 (512x512 pixels)
 
 
-def tiny_generator_config(depth: int = 2) -> dict:
-    """SD3.5-Medium's MMDiT layout at any depth (depth 24 is SD3.5-M's size, up to 512 px here)."""
+def tiny_generator_config(depth: int = 2, pos_embed_max: int = POS_EMBED_MAX) -> dict:
+    """SD3.5-Medium's MMDiT layout at any depth (depth 24 is SD3.5-M's size), for latents up to
+    2 * pos_embed_max wide (16 * pos_embed_max pixels; SD3.5-M's own is 384)."""
     hidden = 64 * depth
     return dict(
         in_channels=16, out_channels=16, patch_size=2, depth=depth, input_size=None,
         adm_in_channels=POOLED_DIM,
         context_embedder_config={"target": "torch.nn.Linear",
                                  "params": {"in_features": CONTEXT_DIM, "out_features": hidden}},
-        num_patches=POS_EMBED_MAX ** 2, pos_embed_max_size=POS_EMBED_MAX, pos_embed_scaling_factor=None,
+        num_patches=pos_embed_max ** 2, pos_embed_max_size=pos_embed_max, pos_embed_scaling_factor=None,
         # SD3.5-M adds x-block self-attention to its first 13 of 24 blocks
         qk_norm="rms", x_block_self_attn_layers=list(range(max(1, round(depth * 13 / 24)))),
     )
@@ -40,19 +41,26 @@ def tiny_generator_config(depth: int = 2) -> dict:
 def tiny_generator_state_dict(depth: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """Comfy-named MMDiT weights, deterministic for a given seed, fp32 on the CPU."""
     # Plain torch layers: ComfyUI's ops may build Linear layers without weights (Dynamic VRAM).
-    model = MMDiT(**tiny_generator_config(depth), operations=torch.nn)
+    model = init_random_(MMDiT(**tiny_generator_config(depth), operations=torch.nn), seed)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def init_random_(model: MMDiT, seed: int = 0) -> MMDiT:
+    """Fill an MMDiT's weights in place, deterministically for a given seed, and return it: unit-variance
+    outputs for unit-variance inputs, zero biases, unit norm scales, the sin-cos position embedding."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("bias"):
             param.zero_()
         elif param.ndim == 1:  # norm scales
             param.fill_(1.0)
-        else:  # linear and conv weights: unit-variance outputs for unit-variance inputs
+        else:  # drawn in float32 on the CPU, so every dtype and device gets the same weights
             fan_in = math.prod(param.shape[1:])
             param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(fan_in))
-    pos = get_2d_sincos_pos_embed(model.hidden_size, POS_EMBED_MAX)
+    pos = get_2d_sincos_pos_embed(model.hidden_size, model.pos_embed_max_size)
     model.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-    return {k: v.contiguous() for k, v in model.state_dict().items()}
+    return model
 
 
 @torch.no_grad()
