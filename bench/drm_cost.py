@@ -117,9 +117,13 @@ def main() -> None:
     parser.add_argument("--comfyui", help="ComfyUI tree (default: $COMFYUI_PATH)")
     args = parser.parse_args()
     if args.depth < 2 or not 0 < args.skip < args.depth:
-        parser.error(f"--depth {args.depth} --skip {args.skip}: expected depth >= 2 and 0 < skip < depth")
+        parser.error(f"--depth {args.depth} --skip {args.skip}: expected depth >= 2 and 0 < skip < depth; "
+                     f"pass a --skip below --depth (default 3), or --depth 4 or more")
     if args.resolution < 16 or args.resolution % 16:
-        parser.error(f"--resolution {args.resolution}: expected a multiple of 16 (the MMDiT's 2x2 latent patches)")
+        parser.error(f"--resolution {args.resolution}: expected a positive multiple of 16 (the MMDiT's 2x2 "
+                     "latent patches), e.g. 256")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: expected at least 1 timed call per model and K")
 
     from drm.host import import_comfy_or_exit
 
