@@ -2,9 +2,12 @@
 
     python bench/drm_cost.py [--depth 8] [--resolution 256] [--candidates 2] [--dtype fp32] [--comfyui PATH]
 
-SD3.5-Medium's size, K = 1, 2 and 4 candidates at 1024x1024 (on a GPU, add more: --candidates 1,4,16,64):
+SD3.5-Medium's size, K = 1, 2 and 4 candidates at 1024x1024 (74 minutes on a 2-core CPU; on a large GPU
+add more, e.g. --candidates 1,4,16,64: a K that does not fit stops the bench with an out-of-memory error):
 
-    python bench/drm_cost.py --depth 24 --resolution 1024 --dtype bf16 --candidates 1,2,4 --repeats 2
+    python bench/drm_cost.py --depth 24 --resolution 1024 --dtype bf16 --candidates 1,2,4 --repeats 3
+
+The tiny default shows the pipeline; its ratios are dominated by the heads and hooks, not the blocks.
 
 All models are random-weight SD3.5-architecture MMDiTs (depth 24 is SD3.5-M: hidden 1536, 24 heads, x-block
 self-attention in the first 13 blocks). Both DRMs run on the generator's own blocks, as an adapter DRM or an

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,11 @@ def tensor_memory():
     path = Path(__file__).resolve().parents[2] / "bench" / "drm_cost.py"
     spec = importlib.util.spec_from_file_location("drm_cost_bench", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    saved = list(sys.path)
+    try:  # the script puts the repository first on sys.path, where `nodes` would shadow ComfyUI's
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
     return module.TensorMemory
 
 
