@@ -137,9 +137,10 @@ def main() -> None:
 
     from drm.lora import LoRA, target_paths
     from drm.model import DRM, new_final_layer, new_head
+    from drm.runtime import WEIGHT_DTYPES
     from drm.tiny import POS_EMBED_MAX, init_random_, tiny_conditioning, tiny_generator_config
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = WEIGHT_DTYPES[args.dtype]
     device = comfy.model_management.get_torch_device()
     config = tiny_generator_config(args.depth, pos_embed_max=max(POS_EMBED_MAX, args.resolution // 16))
     # Plain torch layers, allocated once (ComfyUI's ops would skip initialisation, or the weights, under Dynamic VRAM).
@@ -162,7 +163,6 @@ def main() -> None:
           f"{args.resolution}x{args.resolution}, attention {attention}, {args.repeats} interleaved repeats")
     print(f"DRM (ConvGN): {blocks} blocks; DiNa-LRM: {dina_blocks} blocks, taps {list(taps)}, rank-64 LoRA")
     print(f"{'K':>3} {'model':14} {'ms / call':>10} {'ms / latent':>12} {'x generator':>12} {'peak GiB':>9}")
-    largest = {}
     for k in args.candidates:
         latent = args.resolution // 8
         x = torch.randn(k, 16, latent, latent, device=device, dtype=dtype)
@@ -180,18 +180,18 @@ def main() -> None:
             for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
                 for name, fn in calls.items():
                     times[name].append(timed(fn))
-        median = {name: statistics.median(t) for name, t in times.items()}
+        median = {name: statistics.median(seconds) for name, seconds in times.items()}
         for name in calls:
             print(f"{k:>3} {name:14} {median[name] * 1e3:10.1f} {median[name] * 1e3 / k:12.1f} "
                   f"{median[name] / median['generator']:12.3f} {peak[name] / GiB:9.3f}")
-        largest = {name: peak[name] / k for name in calls}
 
     print(f"expected x generator: DRM (ConvGN) about {blocks / args.depth:.3f} plus the head, "
           f"DiNa-LRM about {dina_blocks / args.depth:.3f} plus the LoRA and the head")
     free = comfy.model_management.get_free_memory(device)
-    fits = {name: int(free // per) if per else None for name, per in largest.items()}
+    per_latent = {name: bytes_ / args.candidates[-1] for name, bytes_ in peak.items()}  # at the largest K
+    fits = {name: int(free // per) if per else None for name, per in per_latent.items()}
     print(f"free {'GPU ' if device.type == 'cuda' else ''}memory now {free / GiB:.1f} GiB; at "
-          f"{largest['DiNa-LRM'] / GiB:.3f} GiB per latent (K = {args.candidates[-1]}) about {fits['DiNa-LRM']} "
+          f"{per_latent['DiNa-LRM'] / GiB:.3f} GiB per latent (K = {args.candidates[-1]}) about {fits['DiNa-LRM']} "
           f"DiNa-LRM candidates fit in one call, and {fits['DRM (ConvGN)']} for the paper's DRM. drm.runtime "
           "scores a batch that does not fit in halves.")
 
