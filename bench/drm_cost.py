@@ -138,7 +138,7 @@ def main() -> None:
     from drm.lora import LoRA, target_paths
     from drm.model import DRM, new_final_layer, new_head
     from drm.runtime import WEIGHT_DTYPES
-    from drm.tiny import POS_EMBED_MAX, init_random_, tiny_conditioning, tiny_generator_config
+    from trainer.demo.tiny import POS_EMBED_MAX, init_random_, tiny_conditioning, tiny_generator_config
 
     dtype = WEIGHT_DTYPES[args.dtype]
     device = comfy.model_management.get_torch_device()

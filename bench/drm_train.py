@@ -28,7 +28,7 @@ def extra_bytes(depth: int, rank: int, bytes_per_weight: int = 2) -> tuple[int, 
 
     from drm.head import ConvGNHead
     from drm.lora import target_paths
-    from drm.tiny import tiny_generator_config
+    from trainer.demo.tiny import tiny_generator_config
 
     with torch.device("meta"):
         config = tiny_generator_config(depth)
@@ -49,7 +49,8 @@ def extra_bytes(depth: int, rank: int, bytes_per_weight: int = 2) -> tuple[int, 
 
 def training_seconds(mode: str, base: Path, data: Path, steps: int, batch: int) -> float:
     """Wall time of one whole `trainer drm` run (loading, steps, final eval, files)."""
-    from trainer.drm_train import DRMTrainConfig, train_drm
+    from trainer.reward.config import DRMTrainConfig
+    from trainer.reward.train import train_drm
 
     with tempfile.TemporaryDirectory() as out:
         cfg = DRMTrainConfig(base=str(base), data=str(data), out=out, mode=mode, max_steps=steps, batch_size=batch,
@@ -81,9 +82,9 @@ def main() -> None:
     from drm.host import import_comfy_or_exit
 
     import_comfy_or_exit(args.comfyui)
-    from drm.checkpoint import atomic_save
-    from drm.tiny import tiny_generator_state_dict
-    from trainer.synthetic import synthetic_latent_pairs
+    from drm.files import atomic_save
+    from trainer.demo.synthetic import synthetic_latent_pairs
+    from trainer.demo.tiny import tiny_generator_state_dict
 
     with tempfile.TemporaryDirectory() as tmp:
         base, data = Path(tmp) / "base.safetensors", Path(tmp) / "pairs.safetensors"

@@ -49,8 +49,9 @@ def main() -> None:
     from drm.host import import_comfy_or_exit
 
     import_comfy_or_exit(args.comfyui)
-    from trainer.grpo_train import GRPOConfig, train_grpo
-    from trainer.tiny_demo import run_tiny_demo
+    from trainer.demo.tiny_demo import run_tiny_demo
+    from trainer.grpo.config import GRPOConfig
+    from trainer.grpo.train import train_grpo
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -64,7 +64,7 @@ def main() -> None:
     from drm.model import build_drm
     from drm.runtime import LoadedDRM
     from drm.stepwise import schedule_sigmas, stepwise_ksampler
-    from drm.tiny import tiny_conditioning, tiny_drm_state_dict, tiny_generator_state_dict
+    from trainer.demo.tiny import tiny_conditioning, tiny_drm_state_dict, tiny_generator_state_dict
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = comfy.model_management.get_torch_device()

@@ -3,7 +3,7 @@
     python bench/world_drm_accuracy.py [--seeds 0 1 2] [--steps 300] [--comfyui PATH]
 
 For each seed: the shapes world's generator samples every prompt of the grammar (8 samples each,
-at CFG 1.5 to 6), the oracle labels pairs of them (trainer.world_data.oracle_pairs), and `trainer
+at CFG 1.5 to 6), the oracle labels pairs of them (trainer.demo.world_data.oracle_pairs), and `trainer
 drm` trains an adapter DRM on them, holding out 20% of the prompts. Its held-out accuracy per sigma
 bucket is accuracy against the oracle's labels on prompts it never saw. The paper claims the accuracy
 degrades gracefully with noise. Prints each seed's figures and, per bucket, the mean over seeds
@@ -34,8 +34,8 @@ def main() -> None:
 
     import_comfy_or_exit(args.comfyui)
     from bench.stats import mean_ci
-    from trainer.drm_train import BUCKETS
-    from trainer.world_data import load_world, oracle_pairs, train_world_drm
+    from trainer.demo.world_data import load_world, oracle_pairs, train_world_drm
+    from trainer.reward.train import BUCKETS
 
     world = load_world()
     rows = list(range(len(world.prompts)))

@@ -2,7 +2,7 @@
 
     python bench/world_grpo.py [--seeds 0 1 2] [--iterations 20] [--every 5] [--plot PNG] [--comfyui PATH]
 
-A DRM is trained on oracle-labelled pairs (trainer.world_data), then `trainer grpo` fine-tunes the
+A DRM is trained on oracle-labelled pairs (trainer.demo.world_data), then `trainer grpo` fine-tunes the
 world generator against it with each algorithm and seed, at the same rollout budget per step (K = G
 = 4, 4 prompts, 10 steps, CFG 4). Every `--every` iterations the LoRA is applied with ComfyUI's
 loader and every prompt is sampled (euler, 20 steps, fixed seeds); the oracle scores the pictures
@@ -48,9 +48,8 @@ def main() -> None:
 
     from bench.stats import mean_ci
     from drm.runtime import load_drm
-    from drm.world import judge
-    from trainer.grpo_train import GRPOConfig, train_grpo
-    from trainer.world_data import (
+    from trainer.demo.world import judge
+    from trainer.demo.world_data import (
         GENERATOR,
         PROMPTS,
         WORLD_DIR,
@@ -61,6 +60,8 @@ def main() -> None:
         sample,
         train_world_drm,
     )
+    from trainer.grpo.config import GRPOConfig
+    from trainer.grpo.train import train_grpo
 
     world = load_world()
     rows = list(range(len(world.prompts)))

@@ -2,7 +2,7 @@
 
     python bench/world_stepwise.py [--seeds 0 1 2] [--drm-steps 600] [--comfyui PATH]
 
-On the shapes world: a DRM is trained on oracle-labelled pairs (trainer.world_data), then every
+On the shapes world: a DRM is trained on oracle-labelled pairs (trainer.demo.world_data), then every
 prompt is sampled (euler schedule `simple`, 20 steps, CFG 4) once per seed by:
 
 - euler: ComfyUI's plain sampler, the reference for time;
@@ -57,8 +57,8 @@ def main() -> None:
 
     from drm.runtime import load_drm
     from drm.stepwise import schedule_sigmas, stepwise_ksampler
-    from drm.world import judge
-    from trainer.world_data import decode, load_world, oracle_pairs, sample, train_world_drm
+    from trainer.demo.world import judge
+    from trainer.demo.world_data import decode, load_world, oracle_pairs, sample, train_world_drm
 
     world = load_world()
     rows = list(range(len(world.prompts)))

@@ -1,4 +1,4 @@
-"""DRM checkpoint files: reading, format detection, the official-format import, and saving.
+"""DRM checkpoint files: reading, format detection and saving (the official format's conversion is in official.py).
 
 Formats (DESIGN §4), all safetensors:
 - full:     comfy MMDiT keys for the kept blocks + final layer, `reward_output.*` head, metadata.
@@ -8,17 +8,15 @@ Formats (DESIGN §4), all safetensors:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from .files import atomic_save
 
 FORMAT_KEY = "drm.format"
 FORMATS = ("full", "official", "adapter")
@@ -130,41 +128,6 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> str:
     raise ValueError(f"not a DRM checkpoint: it looks like {describe_foreign(keys)}")
 
 
-def official_to_comfy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Authors' diffusers-named backbone -> comfy MMDiT names, through ComfyUI's own key map.
-
-    ComfyUI's map swaps (scale, shift) -> (shift, scale) for norm_out and the last block's
-    norm1_context; copying those rows unswapped would give wrong scores with no error.
-    """
-    import comfy.model_detection
-
-    # The converter swaps those rows in place: it gets copies of them, so the caller's tensors (and a
-    # second conversion of the same dict) stay as they were.
-    diffusers_sd = {k[len(OFFICIAL_PREFIX):]: v.clone() if "norm_out" in k or "norm1_context" in k else v
-                    for k, v in state_dict.items() if k.startswith(OFFICIAL_PREFIX)}
-    try:
-        converted = comfy.model_detection.convert_diffusers_mmdit(diffusers_sd, "")
-    except RuntimeError as e:  # q, k and v of other sizes cannot be fused into one qkv
-        raise ValueError(f"weights do not fit: the transformer.* tensors do not form one SD3 MMDiT "
-                         f"({str(e).splitlines()[0]})") from None
-    if converted is None:
-        raise ValueError("transformer.* keys are not an SD3 MMDiT in diffusers names")
-    converted.update({k: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)})
-    return converted
-
-
-def official_blocks(state_dict: dict[str, torch.Tensor]) -> int:
-    """Blocks the official forward runs: the blocks present when the file was cut short, else depth - skip."""
-    depth = state_dict["x_embedder.proj.weight"].shape[0] // 64
-    present = count_blocks(state_dict)
-    if present < depth:
-        return present
-    if depth not in OFFICIAL_SKIPPED_BLOCKS:
-        raise ValueError(f"backbone depth {depth} is neither SD3.5-Medium (24) nor SD3.5-Large (38); "
-                         "pass the number of blocks to keep explicitly")
-    return depth - OFFICIAL_SKIPPED_BLOCKS[depth]
-
-
 def load_checkpoint(path: str | os.PathLike, blocks: int | None = None) -> DRMCheckpoint:
     """Read any DRM file into comfy-named tensors. `blocks` overrides the file's kept-block count."""
     name = Path(path).name
@@ -175,6 +138,11 @@ def load_checkpoint(path: str | os.PathLike, blocks: int | None = None) -> DRMCh
             # The adapter format's weights are applied on the generator's MODEL by the loader.
             return DRMCheckpoint(fmt, tensors, int(metadata.get("drm.blocks", 0)), metadata)
         if fmt == "official":
+            from .official import (  # official.py reads this module's constants
+                official_blocks,
+                official_to_comfy,
+            )
+
             tensors = official_to_comfy(tensors)
             default_blocks = official_blocks(tensors)
         else:
@@ -233,25 +201,3 @@ def save_adapter(drm, path: str | os.PathLike, metadata: dict[str, str] | None =
     if drm.lora is not None and drm.lora.rank is not None:
         meta.update({"drm.lora_rank": str(drm.lora.rank), "drm.lora_alpha": str(drm.lora.alpha)})
     atomic_save(state, path, meta)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path` to write to, renamed over `path` when the block ends without an
-    error (and deleted when it raises): a crash or a kill never leaves half a file at `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """safetensors' save_file, through atomic_path."""
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_save, read_safetensors
+from .checkpoint import read_safetensors
+from .files import atomic_save
 
 CONTEXT_WIDTH, POOLED_WIDTH = 4096, 2048  # SD3: CLIP-L/G + T5 token features, and CLIP-L + G pooled
 

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import torch
 
-from .checkpoint import atomic_path
+from .files import atomic_path
 
 
 def _figure_to_image(fig) -> torch.Tensor:

@@ -79,10 +79,10 @@ def models_dir(comfyui, tmp_path_factory) -> Path:
     """A models folder with the tiny generator, the tiny DRM and cached conditioning, wired into folder_paths."""
     import folder_paths
 
-    from drm.checkpoint import atomic_save
     from drm.conditioning import save_conditioning
+    from drm.files import atomic_save
     from drm.host import register_model_folders
-    from drm.tiny import tiny_conditioning, tiny_drm_state_dict, tiny_generator_state_dict
+    from trainer.demo.tiny import tiny_conditioning, tiny_drm_state_dict, tiny_generator_state_dict
 
     root = tmp_path_factory.mktemp("models")
     generator = tiny_generator_state_dict()
@@ -117,7 +117,7 @@ def tiny_generator(comfyui):
     """(comfy-named state dict, ComfyUI ModelPatcher) of the tiny SD3.5-architecture generator."""
     import comfy.sd
 
-    from drm.tiny import tiny_generator_state_dict
+    from trainer.demo.tiny import tiny_generator_state_dict
 
     sd = tiny_generator_state_dict()
     return sd, comfy.sd.load_diffusion_model_state_dict(dict(sd))

@@ -5,18 +5,18 @@
 Three files, all half precision, which the demo, the example workflows and the benchmarks use:
 
 - `taesd3-world.safetensors`: a TAESD-format VAE with SD3's 16 latent channels (ComfyUI's VAELoader
-  loads it from models/vae). It is trained on random scenes of drm.world, on 32x32 crops (the
+  loads it from models/vae). It is trained on random scenes of trainer.demo.world, on 32x32 crops (the
   network is convolutional, and a crop costs a quarter of a full picture), with noise added to its
   latents so that it decodes a generator's imperfect latents too.
 - `sd35-world.safetensors`: an SD3.5-architecture MMDiT of depth 3 (ComfyUI's UNETLoader loads it
   from models/diffusion_models), trained by rectified flow on the VAE's latents of random scenes,
   with 10% of its prompts dropped to the empty prompt so that CFG works.
-- `prompts.safetensors`: every prompt of the world's grammar, encoded by drm.world.encode_prompts,
+- `prompts.safetensors`: every prompt of the world's grammar, encoded by trainer.demo.world.encode_prompts,
   with the empty prompt (zeros) as the negative: a trainer prompt bank, from which the demo writes
   the cached-conditioning files that DRM Load Cached Conditioning lists.
 
 Then ComfyUI's loaders read the files back and sample every prompt with euler at 20 steps; the
-oracle (drm.world.judge) says how many pictures show their prompt. `recipe.json` records the seed,
+oracle (trainer.demo.world.judge) says how many pictures show their prompt. `recipe.json` records the seed,
 the settings, the time each stage took and that rate. The run is deterministic for a seed on one
 machine; about 20 minutes on 2 CPU cores (recipe.json has the measured times).
 """
@@ -59,7 +59,7 @@ def log(message: str) -> None:
 
 
 def random_batch(gen: torch.Generator, n: int):
-    from drm.world import random_scene, render
+    from trainer.demo.world import random_scene, render
 
     scenes = [random_scene(gen) for _ in range(n)]
     return render(scenes), [s.prompt for s in scenes]
@@ -111,8 +111,8 @@ def train_mmdit(latents: torch.Tensor, prompts: list[str], r: Recipe, gen: torch
     """Rectified flow: x_s = (1 - s) x0 + s noise, and the MMDiT predicts noise - x0 at timestep 1000 s."""
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    from drm.tiny import tiny_generator_config, tiny_generator_state_dict
-    from drm.world import all_prompts, encode_prompts
+    from trainer.demo.tiny import tiny_generator_config, tiny_generator_state_dict
+    from trainer.demo.world import all_prompts, encode_prompts
 
     model = MMDiT(**tiny_generator_config(r.depth), operations=torch.nn)
     model.load_state_dict(tiny_generator_state_dict(r.depth, seed=r.seed))
@@ -149,8 +149,8 @@ def train_mmdit(latents: torch.Tensor, prompts: list[str], r: Recipe, gen: torch
 @torch.no_grad()
 def oracle_match_rate(out: Path, r: Recipe) -> float:
     """Sample every prompt once through ComfyUI's own loaders (euler, 20 steps) and ask the oracle."""
-    from drm.world import judge
-    from trainer.world_data import decode, load_world, sample
+    from trainer.demo.world import judge
+    from trainer.demo.world_data import decode, load_world, sample
 
     world = load_world(out)
     texts = world.prompts.texts
@@ -174,8 +174,8 @@ def main() -> None:
     import_comfy_or_exit(args.comfyui)
     import comfy.latent_formats
 
-    from drm.checkpoint import atomic_save
-    from drm.world import all_prompts, encode_prompts
+    from drm.files import atomic_save
+    from trainer.demo.world import all_prompts, encode_prompts
     from trainer.prompts import PromptBank
 
     out = Path(args.out)

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, add_arguments, load_config
-from .drm_train import DRMTrainConfig
-from .grpo_train import GRPOConfig
+from .grpo.config import GRPOConfig
+from .reward.config import DRMTrainConfig
 
 CONFIGS = {"drm": DRMTrainConfig, "grpo": GRPOConfig}
 
@@ -85,8 +85,8 @@ def _run(argv: list[str] | None) -> int:
     from .runs import RunInterrupted, out_lock
 
     if args.command == "demo":
-        from .demo import run_demo
-        from .tiny_demo import run_tiny_demo
+        from .demo.tiny_demo import run_tiny_demo
+        from .demo.world_demo import run_demo
 
         try:
             import folder_paths
@@ -103,8 +103,8 @@ def _run(argv: list[str] | None) -> int:
             print(f"stopped: {e}", file=sys.stderr)
             return 130
     else:
-        from .drm_train import train_drm
-        from .grpo_train import train_grpo
+        from .grpo.train import train_grpo
+        from .reward.train import train_drm
 
         try:
             # one lock per run: under torchrun / accelerate only rank 0 takes it (the ranks share `out`)
@@ -127,7 +127,7 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _import_dina(snapshot: str, out: str) -> int:
-    from .import_dina import SnapshotError, import_dina
+    from drm.dina import SnapshotError, import_dina
 
     if not out.endswith(".safetensors"):
         print(f"error: --out {out}: expected a .safetensors file name (DRM Loader lists only those).", file=sys.stderr)

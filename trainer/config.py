@@ -7,41 +7,17 @@ Unknown TOML keys and badly typed values are refused with the field named, befor
 from __future__ import annotations
 
 import argparse
-import codecs
 import dataclasses
 import math
-import os
 import types
 import typing
 from pathlib import Path, PurePath
 
+from drm.files import read_utf8_text
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the field."""
-
-
-def read_utf8_text(path: str | os.PathLike, what: str, error: type[ValueError] = ConfigError) -> str:
-    """The text of a UTF-8 file: a leading BOM is dropped, and line ends are read as `Path.read_text` reads them.
-
-    Any other encoding raises `error`, whose message starts with `what` (e.g. "prompts file"), names the
-    file, the first undecodable byte and its line, and says how to convert the file; so does a file that
-    cannot be read. Encodings are not guessed: a wrong guess would change prompts or paths without a word.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise error(f"{what} {path} cannot be read ({e.strerror or e})") from None
-    body = data.removeprefix(codecs.BOM_UTF8)
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        offset = len(data) - len(body) + e.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise error(f"{what} {path} is not UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} (line {line}) "
-                    "cannot be decoded. Re-save it as UTF-8: in an editor, save with encoding UTF-8; or convert it, "
-                    f"e.g. `iconv -f GBK -t UTF-8 {path.name} > utf8-{path.name}` for a GBK file.") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def field(default, help: str, **kwargs):
@@ -124,7 +100,7 @@ def load_config(cls, args: argparse.Namespace):
             raise ConfigError("config: reading a TOML file needs Python 3.11 or newer; pass the settings as "
                               "flags instead") from None
         try:
-            values = tomllib.loads(read_utf8_text(path, "config: file"))
+            values = tomllib.loads(read_utf8_text(path, "config: file", ConfigError))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {path} is not valid TOML ({e})") from None
     types_ = _field_types(cls)

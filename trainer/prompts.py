@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from drm.checkpoint import atomic_save, read_safetensors
+from drm.checkpoint import read_safetensors
 from drm.conditioning import CONTEXT_WIDTH, POOLED_WIDTH
+from drm.files import atomic_save, read_utf8_text
 
-from .config import read_utf8_text
-from .data import DatasetError, encode_prompts
+from .reward.encoded import encode_prompts
+from .reward.pairs import DatasetError
 
 
 @dataclass
@@ -122,7 +123,7 @@ def load_prompt_bank(path: str | Path, clip=None, cache_dir: Path | None = None,
     if clip is None:
         raise DatasetError(f"prompts file {path.name} is text, and the base model has no text encoders: "
                            "pass --clip files, a full checkpoint, or a pre-encoded .safetensors prompt bank.")
-    from .data import clip_prompt_encoder
+    from .reward.encoded import clip_prompt_encoder
 
     texts = read_prompt_texts(path)
     encoder = clip_prompt_encoder(clip, t5_length)

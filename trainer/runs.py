@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, read_utf8_text, to_dict
+from drm.files import read_utf8_text
+
+from .config import ConfigError, to_dict
 
 
 def check_out_dir(cfg, resumable: set[str]) -> None:
@@ -42,7 +44,7 @@ def check_out_dir(cfg, resumable: set[str]) -> None:
                               "or choose another --out")
         return
     try:
-        saved = json.loads(read_utf8_text(run_file, "resume: run file"))
+        saved = json.loads(read_utf8_text(run_file, "resume: run file", ConfigError))
     except json.JSONDecodeError as e:
         saved = e
     if not isinstance(saved, dict):
@@ -57,7 +59,7 @@ def check_out_dir(cfg, resumable: set[str]) -> None:
 
 def write_run_file(cfg) -> None:
     """Mark `out` as this run's (run.json, the settings --resume compares against)."""
-    from drm.checkpoint import atomic_path
+    from drm.files import atomic_path
 
     with atomic_path(Path(cfg.out) / "run.json") as tmp:
         tmp.write_text(json.dumps(to_dict(cfg), indent=2), encoding="utf-8")
@@ -73,7 +75,7 @@ def rewind_metrics(path: Path, key: str, done: int) -> None:
         columns = reader.fieldnames or []
         rows = [r for r in reader if None not in r.values() and None not in r and r[key].isdigit()
                 and int(r[key]) <= done]
-    from drm.checkpoint import atomic_path
+    from drm.files import atomic_path
 
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -95,7 +97,7 @@ def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], state: dict) ->
     Written into checkpoint.tmp, then swapped in by renames: at every moment one complete checkpoint
     exists (checkpoint/, or checkpoint.old/ between the two renames).
     """
-    from drm.checkpoint import atomic_save
+    from drm.files import atomic_save
 
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)

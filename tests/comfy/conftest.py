@@ -40,7 +40,7 @@ def to_official():
 def diffusers_sd3_transformer(comfy_sd: dict):
     """A diffusers SD3Transformer2DModel (fp32, eval) holding a ComfyUI-named SD3 MMDiT's weights.
 
-    Its config is read from the tensors' shapes, so `drm.tiny.tiny_generator_state_dict(depth)` gives a
+    Its config is read from the tensors' shapes, so `trainer.demo.tiny.tiny_generator_state_dict(depth)` gives a
     tiny SD3.5-architecture model in diffusers (rms qk-norm, dual attention in its first blocks); the
     names go through ComfyUI's own key map (official_state_dict). Its forward(hidden_states=x,
     encoder_hidden_states=context, pooled_projections=pooled, timestep=sigma * 1000).sample equals the

@@ -84,9 +84,9 @@ def world(comfyui, models_dir, to_diffusers, tmp_path_factory):
     peft = pytest.importorskip("peft", reason="the reference LoRA needs peft (pip install peft)")
     import comfy.sd
 
-    from drm.tiny import tiny_generator_state_dict
-    from trainer import synthetic
-    from trainer.import_dina import import_dina
+    from drm.dina import import_dina
+    from trainer.demo import synthetic
+    from trainer.demo.tiny import tiny_generator_state_dict
 
     generator = tiny_generator_state_dict(depth=4)
     width = generator["x_embedder.proj.weight"].shape[0]

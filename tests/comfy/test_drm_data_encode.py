@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.data import DatasetError, EncodedPairs, encode_pairs, load_image, load_pairs
-from trainer.synthetic import make_synthetic_dataset, tiny_vae
+from trainer.demo.synthetic import make_synthetic_dataset, tiny_vae
+from trainer.reward.encoded import EncodedPairs, encode_pairs
+from trainer.reward.images import load_image
+from trainer.reward.pairs import DatasetError, load_pairs
 
 RESOLUTION = 64
 
@@ -123,7 +125,7 @@ def test_missing_image_stops_with_image_file_and_line(vae, dataset, tmp_path):
 def test_skip_drops_exactly_the_pairs_with_bad_images(vae, dataset, tmp_path, caplog):
     full = encode(dataset, vae, FakePromptEncoder(), None)
     dataset[3].preferred.write_bytes(b"not a png")
-    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="trainer.reward.encoded"):
         result = encode(dataset, vae, FakePromptEncoder(), tmp_path / "cache", on_bad_image="skip")
     assert len(result) == 5 and result.skipped == 1
     kept = [0, 1, 2, 4, 5]
@@ -142,14 +144,14 @@ def test_encoded_pairs_file_round_trip_after_encoding(vae, dataset, tmp_path):
 
 
 def test_a_write_that_dies_halfway_leaves_no_cache_file(vae, dataset, tmp_path, monkeypatch):
-    import drm.checkpoint
+    import drm.files
 
     def dies_halfway(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half a safetensors header")
         raise OSError("disk full")
 
-    monkeypatch.setattr(drm.checkpoint, "save_file", dies_halfway)
+    monkeypatch.setattr(drm.files, "save_file", dies_halfway)
     with pytest.raises(OSError, match="disk full"):
         encode(dataset, vae, FakePromptEncoder(), tmp_path / "cache")
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []

@@ -9,7 +9,7 @@ import torch
 @pytest.fixture(scope="module")
 def parts(tiny_generator):
     from drm.model import build_drm
-    from drm.tiny import tiny_conditioning, tiny_drm_state_dict
+    from trainer.demo.tiny import tiny_conditioning, tiny_drm_state_dict
 
     gen_sd, patcher = tiny_generator
     drm_sd = tiny_drm_state_dict(gen_sd, blocks=1)
@@ -50,7 +50,7 @@ def test_features_equal_comfy_forward_with_skipped_blocks(parts):
 @torch.no_grad()
 def test_kept_block_count_changes_score(parts):
     from drm.model import build_drm
-    from drm.tiny import tiny_drm_state_dict
+    from trainer.demo.tiny import tiny_drm_state_dict
 
     two = tiny_drm_state_dict(parts["gen_sd"], blocks=2)  # all blocks, the last is SD3's pre-only one
     one_block = build_drm(two, blocks=1).eval()
@@ -89,7 +89,7 @@ def test_official_full_depth_file_runs_depth_minus_skip_blocks(parts, tmp_path, 
     import drm.checkpoint
     from drm.model import build_drm
     from drm.runtime import load_drm
-    from drm.tiny import tiny_drm_state_dict, tiny_generator_state_dict
+    from trainer.demo.tiny import tiny_drm_state_dict, tiny_generator_state_dict
 
     depth = 4
     generator = tiny_generator_state_dict(depth=depth)
@@ -141,7 +141,7 @@ def test_full_format_save_and_load(parts, tmp_path):
 
 def test_official_conversion_leaves_its_input_alone(parts, to_official):
     """ComfyUI's key converter swaps scale and shift in place; converting the same dict twice must not un-swap."""
-    from drm.checkpoint import official_to_comfy
+    from drm.official import official_to_comfy
 
     official = to_official(parts["drm_sd"], depth=2)
     before = {k: v.clone() for k, v in official.items()}
@@ -155,7 +155,7 @@ def test_official_conversion_leaves_its_input_alone(parts, to_official):
 def test_a_bf16_drm_embeds_float32_timesteps_and_runs_its_head_in_float32(parts, tmp_path):
     """bf16 timesteps round 923.08 to 924 before the sinusoidal embedding; bf16 head outputs are 0.03 apart
     at |r| ~ 4. Both reach their modules in float32, whatever the weights' dtype."""
-    from drm.checkpoint import atomic_save
+    from drm.files import atomic_save
     from drm.runtime import load_drm
 
     atomic_save(parts["drm_sd"], tmp_path / "drm.safetensors", {"drm.format": "full", "drm.blocks": "1"})

@@ -29,10 +29,11 @@ def fake_text_encoder(prompt: str):
 @pytest.fixture(scope="module")
 def files(comfyui, tmp_path_factory):
     """The tiny base model, and 160 image pairs whose preferred image is warmer, encoded by a tiny VAE."""
-    from drm.checkpoint import atomic_save
-    from drm.tiny import tiny_generator_state_dict
-    from trainer.data import encode_pairs, load_pairs
-    from trainer.synthetic import make_synthetic_dataset, tiny_vae
+    from drm.files import atomic_save
+    from trainer.demo.synthetic import make_synthetic_dataset, tiny_vae
+    from trainer.demo.tiny import tiny_generator_state_dict
+    from trainer.reward.encoded import encode_pairs
+    from trainer.reward.pairs import load_pairs
 
     root = tmp_path_factory.mktemp("drm-train")
     atomic_save(tiny_generator_state_dict(), root / "tiny-sd35.safetensors", {})
@@ -90,7 +91,7 @@ def test_adapter_drm_shares_the_model_and_equals_its_merged_full_form(trained, f
 
     from drm.checkpoint import save_full
     from drm.runtime import load_drm
-    from drm.tiny import tiny_conditioning
+    from trainer.demo.tiny import tiny_conditioning
 
     base = comfy.sd.load_diffusion_model(str(files / "tiny-sd35.safetensors"))
     adapter = load_drm(trained / "drm-tiny-sd35-adapter.safetensors", base_model=base)
@@ -220,7 +221,7 @@ def test_non_sd3_base_is_refused(files, tmp_path, capsys):
 
 
 def test_empty_dataset_after_filter_is_refused(files, tmp_path, capsys):
-    from trainer.synthetic import make_synthetic_dataset
+    from trainer.demo.synthetic import make_synthetic_dataset
 
     pairs = make_synthetic_dataset(tmp_path / "data", 3, resolution=64)
     lines = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()]
@@ -233,7 +234,7 @@ def test_empty_dataset_after_filter_is_refused(files, tmp_path, capsys):
 
 
 def test_image_data_without_encoders_is_refused(files, tmp_path, capsys):
-    from trainer.synthetic import make_synthetic_dataset
+    from trainer.demo.synthetic import make_synthetic_dataset
 
     argv = cli(files, tmp_path / "o", "--max-steps", "2", "--resolution", "64")
     argv[argv.index("--data") + 1] = str(make_synthetic_dataset(tmp_path / "data", 3, resolution=64))
@@ -252,9 +253,9 @@ def test_gradient_checkpointing_gives_the_same_losses(files):
 
 def test_encoding_cache_identity_follows_the_vae_file(files, tmp_path):
     """Latents cached with one --vae are not reused with another (the cache keys carry the VAE's file)."""
-    from drm.checkpoint import atomic_save
+    from drm.files import atomic_save
+    from trainer.demo.synthetic import tiny_vae_state_dict
     from trainer.models import load_base
-    from trainer.synthetic import tiny_vae_state_dict
 
     for seed in (0, 1):
         atomic_save(tiny_vae_state_dict(seed), tmp_path / f"vae{seed}.safetensors", {})
@@ -266,7 +267,7 @@ def test_encoding_cache_identity_follows_the_vae_file(files, tmp_path):
 
 def test_scores_that_overflow_stop_training_with_the_fix(files, tmp_path, capsys):
     """Latents far outside SD3's range (finite, so the data checks pass) overflow the DRM: no NaN step is applied."""
-    from trainer.data import EncodedPairs
+    from trainer.reward.encoded import EncodedPairs
 
     pairs = EncodedPairs.load(files / "pairs.safetensors")
     pairs.preferred.mul_(1e36)
@@ -318,7 +319,7 @@ def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(files, tmp_path)
 ])
 def test_encoded_pairs_that_do_not_fit_the_base_are_refused_naming_what_differs(files, tmp_path, capsys, change,
                                                                               message):
-    from trainer.data import EncodedPairs
+    from trainer.reward.encoded import EncodedPairs
 
     pairs = EncodedPairs.load(files / "pairs.safetensors")
     change(pairs)

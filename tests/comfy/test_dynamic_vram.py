@@ -46,7 +46,7 @@ def test_flags_on_really_leave_linear_layers_without_weights(dynamic_vram):
 
 
 def test_tiny_models_are_complete_with_the_flags_on(dynamic_vram):
-    from drm.tiny import tiny_generator_state_dict
+    from trainer.demo.tiny import tiny_generator_state_dict
 
     reference = tiny_generator_state_dict()
     with dynamic_vram():
@@ -60,8 +60,8 @@ def drm_files(tiny_generator, tmp_path_factory, to_official) -> dict:
     """One tiny DRM file per format, all fp32, written with the flags off."""
     from safetensors.torch import save_file
 
-    from drm.checkpoint import atomic_save
-    from drm.tiny import tiny_adapter_drm_state_dict, tiny_drm_state_dict
+    from drm.files import atomic_save
+    from trainer.demo.tiny import tiny_adapter_drm_state_dict, tiny_drm_state_dict
 
     gen_sd, _ = tiny_generator
     root = tmp_path_factory.mktemp("dynamic-vram")
@@ -77,14 +77,14 @@ def load_generator():
     """The tiny generator as ComfyUI loads a diffusion model (lazily, when the flags are on)."""
     import comfy.sd
 
-    from drm.tiny import tiny_generator_state_dict
+    from trainer.demo.tiny import tiny_generator_state_dict
 
     return comfy.sd.load_diffusion_model_state_dict(tiny_generator_state_dict())
 
 
 def score(path, weight_dtype: str) -> tuple[torch.Tensor, object]:
     from drm.runtime import WEIGHT_DTYPES, load_drm
-    from drm.tiny import tiny_conditioning
+    from trainer.demo.tiny import tiny_conditioning
 
     base = load_generator() if "adapter" in path.name else None
     drm = load_drm(path, weight_dtype=WEIGHT_DTYPES[weight_dtype], base_model=base)

@@ -27,7 +27,7 @@ def metrics(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def demo(comfyui, tmp_path_factory):
     """The README's main command, run once: DRM training, Step-GRPO, and sampling back in ComfyUI."""
-    from trainer.tiny_demo import run_tiny_demo
+    from trainer.demo.tiny_demo import run_tiny_demo
 
     out = tmp_path_factory.mktemp("demo")
     summary = run_tiny_demo(out=str(out / "demo"))
@@ -83,7 +83,7 @@ def test_stock_lora_loader_loads_every_key_at_the_trained_strength(demo, tmp_pat
     import nodes as comfy_nodes
     from drm.checkpoint import read_safetensors
     from drm.lora import LoRA
-    from trainer.policy import Policy
+    from trainer.grpo.policy import Policy
 
     assert run(grpo_cli(demo[0], tmp_path / "run", "--iterations", "2", "--eval-every", "100")) == 0
     lora_file = tmp_path / "run" / "tiny-sd35-step-grpo.safetensors"
@@ -271,7 +271,7 @@ class Killed(BaseException):
 
 def test_a_kill_between_the_snapshot_and_the_checkpoint_loses_no_snapshot(demo, tmp_path, monkeypatch):
     """The random SIGKILL above can land between the two writes of a save; here it lands there every time."""
-    import trainer.grpo_train as grpo_train
+    import trainer.grpo.train as grpo_train
 
     writes = []
 
@@ -297,13 +297,13 @@ def test_a_kill_between_the_snapshot_and_the_checkpoint_loses_no_snapshot(demo, 
 
 def test_a_demo_stopped_by_ctrl_c_exits_130_with_a_message(tmp_path, monkeypatch, capsys):
     """Whatever stops a stage (Ctrl-C, SIGTERM), the demo says so and exits; it never crashes further on."""
-    import trainer.drm_train
+    import trainer.reward.train
     from trainer.runs import RunInterrupted
 
     def interrupted(cfg):
         raise RunInterrupted("Interrupted at step 12; a checkpoint is saved. Continue with --resume.")
 
-    monkeypatch.setattr(trainer.drm_train, "train_drm", interrupted)
+    monkeypatch.setattr(trainer.reward.train, "train_drm", interrupted)
     assert run(["demo", "--tiny", "--out", str(tmp_path / "demo")]) == 130
     err = capsys.readouterr().err
     assert err.startswith("stopped: the demo stopped in stage 1 (DRM training): Interrupted at step 12.") and \
@@ -315,7 +315,7 @@ def test_the_default_rollout_schedule_is_flow_grpos(comfyui):
     diffusers = pytest.importorskip("diffusers", reason="diffusers (a dev dependency) is the reference here")
     from drm.runtime import flow_model_sampling
     from drm.stepwise import schedule_sigmas
-    from trainer.grpo_train import GRPOConfig
+    from trainer.grpo.config import GRPOConfig
 
     for steps in (10, 28, 40):
         reference = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -329,9 +329,9 @@ def test_the_default_rollout_schedule_is_flow_grpos(comfyui):
 def test_an_imported_dina_drm_gives_the_rewards(demo, tmp_path, capsys):
     """`trainer grpo --drm` with a DiNa-LRM file made by import-dina for the demo's base (depth 2: one block)."""
     from drm.checkpoint import read_safetensors
-    from trainer.import_dina import import_dina
+    from drm.dina import import_dina
+    from trainer.demo.synthetic import tiny_dina_snapshot
     from trainer.prompts import PromptBank
-    from trainer.synthetic import tiny_dina_snapshot
 
     base = read_safetensors(demo[0] / "models" / "tiny-sd35.safetensors")[0]
     import_dina(tiny_dina_snapshot(tmp_path / "snap", base), tmp_path / "dina.safetensors")
@@ -371,7 +371,8 @@ def test_eval_grids_decode_with_a_vae(demo, tmp_path):
 ])
 def test_a_pre_encoded_prompt_bank_that_does_not_fit_is_refused_before_any_output(demo, tmp_path, capsys, change,
                                                                                   message):
-    from drm.checkpoint import atomic_save, read_safetensors
+    from drm.checkpoint import read_safetensors
+    from drm.files import atomic_save
 
     tensors, metadata = read_safetensors(demo[0] / "data" / "prompts.safetensors")
     change(tensors, metadata)

@@ -55,7 +55,7 @@ def world(comfyui):
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
     from drm.lora import LoRA, target_paths
-    from drm.tiny import tiny_conditioning, tiny_generator_config, tiny_generator_state_dict
+    from trainer.demo.tiny import tiny_conditioning, tiny_generator_config, tiny_generator_state_dict
 
     generator = tiny_generator_state_dict()
     mmdit = MMDiT(**tiny_generator_config(2), device="meta", operations=torch.nn)
@@ -138,8 +138,8 @@ def test_the_old_format_with_alpha_keys_is_refused(world, pipe):
 def test_the_export_loads_in_diffusers_with_the_trainers_weight_change(world, pipe, tmp_path):
     from peft.tuners.lora import LoraLayer
 
-    from drm.checkpoint import atomic_save
-    from trainer.peft_export import peft_state_dict
+    from drm.files import atomic_save
+    from trainer.grpo.peft_export import peft_state_dict
 
     lora = world["lora"]
     tensors = peft_state_dict(lora)
@@ -176,7 +176,7 @@ def test_diffusers_with_the_export_computes_what_comfyui_does_with_the_lora(worl
     """The same LoRA, through ComfyUI's stock loader (native keys) and through diffusers (the export)."""
     import comfy.sd
 
-    from trainer.peft_export import peft_state_dict
+    from trainer.grpo.peft_export import peft_state_dict
 
     lora = world["lora"]
     without = diffusers_velocity(pipe.transformer, world)

@@ -11,7 +11,7 @@ SHORT, LONG = 8, 20
 
 @pytest.fixture(scope="module")
 def bank(tiny_generator):
-    from drm.tiny import tiny_conditioning
+    from trainer.demo.tiny import tiny_conditioning
 
     short, long = tiny_conditioning(seed=1, tokens=SHORT), tiny_conditioning(seed=2, tokens=LONG)
     context = torch.zeros(2, LONG, 4096)
@@ -23,7 +23,7 @@ def bank(tiny_generator):
 @pytest.fixture(scope="module")
 def drm(tiny_generator):
     from drm.model import build_drm
-    from drm.tiny import tiny_drm_state_dict
+    from trainer.demo.tiny import tiny_drm_state_dict
 
     return build_drm(tiny_drm_state_dict(tiny_generator[0]), blocks=1).eval()
 
@@ -41,8 +41,8 @@ def test_zero_tokens_are_not_inert(drm, bank):
 def test_drm_training_scores_a_prompt_as_alone(drm, bank, comfyui):
     import comfy.latent_formats
 
-    from trainer.data import EncodedPairs
-    from trainer.drm_train import pair_scores
+    from trainer.reward.encoded import EncodedPairs
+    from trainer.reward.train import pair_scores
 
     gen = torch.Generator().manual_seed(1)
     pairs = EncodedPairs(torch.randn(4, 16, 8, 8, generator=gen), torch.randn(4, 16, 8, 8, generator=gen),
@@ -64,10 +64,10 @@ def test_grpo_rewards_and_policy_predictions_are_as_alone(bank, tiny_generator):
     import comfy.sd
 
     from drm.runtime import LoadedDRM
-    from drm.tiny import tiny_generator_state_dict
-    from trainer.grpo_train import drm_reward
-    from trainer.policy import Policy
-    from trainer.rollout import Conditioning
+    from trainer.demo.tiny import tiny_generator_state_dict
+    from trainer.grpo.policy import Policy
+    from trainer.grpo.rollout import Conditioning
+    from trainer.grpo.train import drm_reward
 
     negative = (torch.zeros(1, 5, 4096), torch.zeros(1, 2048))
     cond = Conditioning(bank["context"], bank["pooled"], *negative, context_length=bank["lengths"])
@@ -75,7 +75,7 @@ def test_grpo_rewards_and_policy_predictions_are_as_alone(bank, tiny_generator):
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2))
 
     from drm.model import build_drm
-    from drm.tiny import tiny_drm_state_dict
+    from trainer.demo.tiny import tiny_drm_state_dict
 
     loaded = LoadedDRM(build_drm(tiny_drm_state_dict(tiny_generator[0]), blocks=1))
     torch.testing.assert_close(drm_reward(loaded, cond, x, 0.3)[0], drm_reward(loaded, alone, x[:1], 0.3)[0],

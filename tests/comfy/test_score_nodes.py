@@ -22,7 +22,7 @@ def drm(nodes_mod):
 
 @pytest.fixture(scope="module")
 def prompts():
-    from drm.tiny import tiny_conditioning
+    from trainer.demo.tiny import tiny_conditioning
 
     return tiny_conditioning(seed=0), tiny_conditioning(seed=1)
 
@@ -150,7 +150,7 @@ def test_foreign_checkpoint_in_drm_folder_is_refused_and_untouched(nodes_mod, mo
 
 
 def test_cached_conditioning_node_round_trips(nodes_mod):
-    from drm.tiny import tiny_conditioning
+    from trainer.demo.tiny import tiny_conditioning
 
     (cond,) = nodes_mod.loader.DRMLoadConditioning.execute("tiny-prompt-0.safetensors").args
     expected = tiny_conditioning(seed=0)
@@ -178,7 +178,8 @@ def test_a_score_that_overflows_is_refused_naming_the_dtype(nodes_mod, prompts, 
 def test_a_prompt_encoded_shorter_than_the_drm_was_trained_on_is_refused(nodes_mod, models_dir, prompts):
     """A DRM trained with T5 padded to N tokens records N; a context of fewer than 77 + N tokens was encoded
     otherwise (ComfyUI's default is 77), and the error names the stock node that fixes it."""
-    from drm.checkpoint import atomic_save, read_safetensors
+    from drm.checkpoint import read_safetensors
+    from drm.files import atomic_save
 
     tensors, metadata = read_safetensors(models_dir / "drm" / DRM_FILE)
     path = models_dir / "drm" / "t5-256.safetensors"
@@ -218,7 +219,7 @@ def test_top_k_and_threshold_select_and_the_rest_is_rejected(nodes_mod, drm, pro
 
 
 def test_score_image_encodes_and_scores_as_score_latent_does(nodes_mod, drm, prompts):
-    from trainer.synthetic import tiny_vae
+    from trainer.demo.synthetic import tiny_vae
 
     vae = tiny_vae()
     images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(4))
@@ -254,8 +255,8 @@ def test_a_malformed_adapter_drm_is_refused_naming_the_layer(nodes_mod, models_d
     """(Matched as a ValueError: the node raises the ComfyUI-loaded package's DRMCheckpointError.)"""
     import comfy.sd
 
-    from drm.checkpoint import atomic_save
-    from drm.tiny import tiny_adapter_drm_state_dict, tiny_generator_state_dict
+    from drm.files import atomic_save
+    from trainer.demo.tiny import tiny_adapter_drm_state_dict, tiny_generator_state_dict
 
     generator = tiny_generator_state_dict()
     no_up = {k: v for k, v in tiny_adapter_drm_state_dict(generator).items() if not k.endswith("qkv.lora_up.weight")}
@@ -299,7 +300,7 @@ def test_a_batch_that_does_not_fit_in_memory_is_scored_in_halves(nodes_mod, drm,
 
 
 def test_odd_protocol_values_are_named_or_handled(nodes_mod, drm, prompts):
-    from trainer.synthetic import tiny_vae
+    from trainer.demo.synthetic import tiny_vae
 
     latent = {"samples": torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(3))}
     args = dict(position="sigma", sigma=0.0, steps=20, scheduler="simple", step=20)

@@ -19,8 +19,8 @@ def world(comfyui, tmp_path_factory):
     """A fresh tiny generator (this module patches it), an adapter DRM for it, and two different LoRAs."""
     import comfy.sd
 
-    from drm.checkpoint import atomic_save
-    from drm.tiny import (
+    from drm.files import atomic_save
+    from trainer.demo.tiny import (
         tiny_adapter_drm_state_dict,
         tiny_conditioning,
         tiny_generator_state_dict,

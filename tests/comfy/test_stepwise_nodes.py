@@ -22,7 +22,7 @@ def drm(nodes_mod):
 
 @pytest.fixture(scope="module")
 def setup(tiny_generator):
-    from drm.tiny import tiny_conditioning
+    from trainer.demo.tiny import tiny_conditioning
 
     return dict(model=tiny_generator[1], positive=tiny_conditioning(seed=0), negative=tiny_conditioning(seed=1))
 
@@ -163,7 +163,7 @@ def test_noise_mask_is_refused(nodes_mod, drm, setup):
 
 def narrowed_drm(pack, key: str, width: int):
     """A tiny DRM whose text input `key` reads `width` features instead of the MODEL's."""
-    from drm.tiny import tiny_drm_state_dict, tiny_generator_state_dict
+    from trainer.demo.tiny import tiny_drm_state_dict, tiny_generator_state_dict
 
     sd = tiny_drm_state_dict(tiny_generator_state_dict())
     sd[key] = sd[key][:, :width].contiguous()

@@ -14,7 +14,7 @@ FILE_INPUTS = {"unet_name": "diffusion_models", "vae_name": "vae", "drm_name": "
 
 def test_a_short_world_demo_writes_its_figures_and_installs_what_the_workflows_name(comfyui, tmp_path):
     from tools.build_workflows import names_real_weights
-    from trainer.demo import run_demo
+    from trainer.demo.world_demo import run_demo
 
     models = tmp_path / "comfyui-models"
     summary = run_demo(out=str(tmp_path / "demo"), samples_per_prompt=2, drm_steps=10, grpo_iterations=2,

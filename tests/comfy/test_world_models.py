@@ -19,8 +19,8 @@ WORLD = Path(__file__).resolve().parents[2] / "world"
 def world_files(models_dir, pack):
     import folder_paths
 
+    from trainer.demo.world_data import save_conditioning_files
     from trainer.prompts import load_prompt_bank
-    from trainer.world_data import save_conditioning_files
 
     for name, folder in (("sd35-world.safetensors", "diffusion_models"), ("taesd3-world.safetensors", "vae")):
         (models_dir / folder).mkdir(exist_ok=True)
@@ -40,7 +40,7 @@ def test_stock_loaders_sample_the_prompted_picture_nine_times_in_ten(world_files
     import comfy.sample
 
     import nodes
-    from drm.world import conditioning_file_name, judge
+    from trainer.demo.world import conditioning_file_name, judge
 
     model = nodes.UNETLoader().load_unet("sd35-world.safetensors", "default")[0]
     vae = nodes.VAELoader().load_vae("taesd3-world.safetensors")[0]
@@ -59,8 +59,8 @@ def test_stock_loaders_sample_the_prompted_picture_nine_times_in_ten(world_files
 
 
 def test_oracle_pairs_prefer_what_the_oracle_scores_higher(world_files, pack):
-    from drm.world import judge
-    from trainer.world_data import decode, load_world, oracle_pairs
+    from trainer.demo.world import judge
+    from trainer.demo.world_data import decode, load_world, oracle_pairs
 
     world = load_world(WORLD)
     pairs, stats = oracle_pairs(world, [0, 7], samples_per_prompt=4, seed=3)
@@ -75,7 +75,7 @@ def test_oracle_pairs_prefer_what_the_oracle_scores_higher(world_files, pack):
 
 def test_a_world_drm_trains_on_oracle_pairs_and_scores_the_world(world_files, pack, tmp_path):
     from drm.runtime import load_drm
-    from trainer.world_data import load_world, oracle_pairs, train_world_drm
+    from trainer.demo.world_data import load_world, oracle_pairs, train_world_drm
 
     world = load_world(WORLD)
     pairs, _ = oracle_pairs(world, [0, 20, 40, 59], samples_per_prompt=4, seed=1)
@@ -88,7 +88,7 @@ def test_a_world_drm_trains_on_oracle_pairs_and_scores_the_world(world_files, pa
 
 
 def test_bad_rows_cfg_noise_and_steps_are_refused_by_name(world_files, pack, tmp_path):
-    from trainer.world_data import load_world, oracle_pairs, sample, train_world_drm
+    from trainer.demo.world_data import load_world, oracle_pairs, sample, train_world_drm
 
     world = load_world(WORLD)
     for rows in ([], [60], [-1], [0.5], torch.tensor([0])):

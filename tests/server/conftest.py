@@ -150,19 +150,19 @@ def _build_models(models: Path) -> None:
     and that the other server tests name."""
     from safetensors.torch import load_file
 
-    from drm.checkpoint import atomic_save
     from drm.conditioning import save_conditioning
-    from drm.tiny import (
+    from drm.dina import import_dina
+    from drm.files import atomic_save
+    from tools.build_workflows import WORLD_DRM, WORLD_LORA
+    from trainer.demo.synthetic import tiny_dina_snapshot, tiny_vae_state_dict
+    from trainer.demo.tiny import (
         tiny_adapter_drm_state_dict,
         tiny_conditioning,
         tiny_generator_state_dict,
         tiny_lora_state_dict,
     )
-    from tools.build_workflows import WORLD_DRM, WORLD_LORA
-    from trainer.import_dina import import_dina
+    from trainer.demo.world_data import GENERATOR, PROMPTS, VAE, WORLD_DIR, save_conditioning_files
     from trainer.prompts import load_prompt_bank
-    from trainer.synthetic import tiny_dina_snapshot, tiny_vae_state_dict
-    from trainer.world_data import GENERATOR, PROMPTS, VAE, WORLD_DIR, save_conditioning_files
 
     world = load_file(str(WORLD_DIR / GENERATOR))
     shutil.copyfile(WORLD_DIR / GENERATOR, models / "diffusion_models" / GENERATOR)

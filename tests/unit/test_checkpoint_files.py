@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from drm.checkpoint import DRMCheckpointError, atomic_save, detect_format, load_checkpoint, read_safetensors
+from drm.checkpoint import DRMCheckpointError, detect_format, load_checkpoint, read_safetensors
+from drm.files import atomic_save
 
 
 def fake_full_drm(channels: int = 16) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""trainer.demo.demo_folder: which folders a demo may empty, and what it refuses before changing anything."""
+"""trainer.demo.world_demo.demo_folder: which folders a demo may empty, and what it refuses before changing anything."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.demo import MARKER, demo_folder
+from trainer.demo.world_demo import MARKER, demo_folder
 
 
 def earlier_demo(root: Path) -> Path:

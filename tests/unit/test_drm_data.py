@@ -8,17 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data import (
-    DatasetError,
-    EncodedPairs,
-    UnreadableImage,
-    check_resolution,
-    clip_prompt_encoder,
-    encode_pairs,
-    load_image,
-    load_pairs,
-)
-from trainer.synthetic import (
+from trainer.demo.synthetic import (
     LATENT_MARGIN,
     PROMPTS,
     WARMTH_MARGIN,
@@ -27,6 +17,9 @@ from trainer.synthetic import (
     synthetic_latent_pairs,
     warmth,
 )
+from trainer.reward.encoded import EncodedPairs, clip_prompt_encoder, encode_pairs
+from trainer.reward.images import check_resolution, load_image
+from trainer.reward.pairs import DatasetError, UnreadableImage, load_pairs
 
 
 def write_jsonl(path, objects):

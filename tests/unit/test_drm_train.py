@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.drm_train import DRMTrainConfig, sample_sigmas
+from trainer.reward.config import DRMTrainConfig
+from trainer.reward.train import sample_sigmas
 
 
 def draws(n=200_000, shift=3.0, **config) -> torch.Tensor:

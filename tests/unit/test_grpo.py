@@ -1,5 +1,5 @@
-"""Unit tests for the Step-GRPO / GRPO math: trainer/grpo_loss.py, trainer/rollout.py and the pure parts of
-trainer/grpo_train.py (GRPOConfig.validate, trained_steps, prompt_generators). Torch only, no ComfyUI.
+"""Unit tests for the Step-GRPO / GRPO math: trainer/grpo/loss.py, trainer/grpo/rollout.py and the pure parts of
+trainer/grpo/train.py (GRPOConfig.validate, trained_steps, prompt_generators). Torch only, no ComfyUI.
 
 A tiny differentiable "policy" stands in for the LoRA'd MMDiT: its x0 prediction depends on learnable
 parameters theta (reference value: all zeros, i.e. "LoRA off"), on x, on sigma and on the text conditioning.
@@ -21,9 +21,10 @@ from safetensors.torch import save_file
 from drm.conditioning import by_context_length
 from drm.sde import sde_mean_std
 from trainer.config import ConfigError
-from trainer.grpo_loss import clipped_policy_loss, gaussian_kl, group_advantages, transition_loss
-from trainer.grpo_train import GRPOConfig, prompt_generators, trained_steps
-from trainer.rollout import Conditioning, group_rows, policy_loss, rollout_grpo, rollout_step_grpo
+from trainer.grpo.config import GRPOConfig
+from trainer.grpo.loss import clipped_policy_loss, gaussian_kl, group_advantages, transition_loss
+from trainer.grpo.rollout import Conditioning, group_rows, policy_loss, rollout_grpo, rollout_step_grpo
+from trainer.grpo.train import prompt_generators, trained_steps
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (4, 4, 4)  # latent [C, H, W]
@@ -714,7 +715,7 @@ def test_trained_steps_random_is_distinct_and_deterministic():
 
 
 def test_trainer_modules_do_not_import_comfy():
-    code = ("import sys, trainer.grpo_train, trainer.rollout, trainer.grpo_loss; "
+    code = ("import sys, trainer.grpo.train, trainer.grpo.rollout, trainer.grpo.loss; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('comfy', 'comfy_extras', 'folder_paths', 'nodes', 'accelerate')); "
             "assert not bad, bad")
@@ -743,7 +744,7 @@ def test_global_std_divides_by_the_std_of_all_the_batchs_rewards():
     ("grpo", "auto", "global"), ("step-grpo", "auto", "group"), ("grpo", "group", "group"),
     ("step-grpo", "global", "global")])
 def test_advantage_std_auto_is_flow_grpos_for_grpo_and_the_papers_for_step_grpo(algorithm, setting, resolved):
-    from trainer.grpo_train import resolved_advantage_std
+    from trainer.grpo.train import resolved_advantage_std
 
     assert resolved_advantage_std(GRPOConfig(algorithm=algorithm, advantage_std=setting)) == resolved
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image, features
 
-from trainer.data import UnreadableImage, image_to_rgb, load_image
+from trainer.reward.images import image_to_rgb, load_image
+from trainer.reward.pairs import UnreadableImage
 
 SIZE = 16  # the files are loaded at their own size, so no resize blurs the values
 A = 128 / 255  # the alpha used in the translucent cases
@@ -168,7 +169,8 @@ def test_exif_orientation_is_applied_to_high_depth_images(tmp_path):
 def test_a_very_thin_image_is_refused_instead_of_resized_to_millions_of_pixels(tmp_path):
     from PIL import Image
 
-    from trainer.data import UnreadableImage, load_image
+    from trainer.reward.images import load_image
+    from trainer.reward.pairs import UnreadableImage
 
     Image.new("RGB", (2, 10000), "red").save(tmp_path / "thin.png")
     with pytest.raises(UnreadableImage, match=r"thin.png is 2x10000 pixels, more than 8:1"):

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from drm.checkpoint import read_safetensors
+from drm.dina import SnapshotError, import_dina
 from drm.lora import LoRA
-from trainer import synthetic
 from trainer.__main__ import main
-from trainer.import_dina import SnapshotError, import_dina
+from trainer.demo import synthetic
 
 WIDTH, BLOCKS, DUAL, RANK, ALPHA = 64, 3, 2, 4, 8.0
 IMAGE_TAPS, TEXT_TAPS = [1, 3], [2, 3]

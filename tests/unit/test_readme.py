@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from trainer.config import _convert, _field_types
-from trainer.drm_train import DRMTrainConfig
-from trainer.grpo_train import GRPOConfig
+from trainer.grpo.config import GRPOConfig
+from trainer.reward.config import DRMTrainConfig
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the pack itself runs on 3.10
 

@@ -114,7 +114,7 @@ def test_stop_is_agreed_through_a_sum_over_processes():
 def test_a_stopped_demo_stage_stops_the_demo_saying_where(tmp_path):
     from types import SimpleNamespace
 
-    from trainer.demo import stage
+    from trainer.demo.world_demo import stage
     from trainer.runs import RunInterrupted
 
     def interrupted(cfg):
@@ -128,7 +128,7 @@ def test_a_stopped_demo_stage_stops_the_demo_saying_where(tmp_path):
 
 def test_metadata_configs_keep_file_names_not_local_folders():
     from trainer.config import shareable_dict
-    from trainer.grpo_train import GRPOConfig
+    from trainer.grpo.config import GRPOConfig
 
     cfg = GRPOConfig(base="/home/me/models/sd3.5_medium.safetensors", drm="C:\\Users\\me\\drm.safetensors",
                      prompts="prompts.txt", out="/home/me/runs/grpo")
@@ -178,13 +178,13 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path
 
 
 def test_running_out_of_memory_is_one_line_with_the_fix(monkeypatch, capsys):
-    import trainer.drm_train
+    import trainer.reward.train
     from trainer import __main__ as cli
 
     def no_memory(cfg):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
-    monkeypatch.setattr(trainer.drm_train, "train_drm", no_memory)
+    monkeypatch.setattr(trainer.reward.train, "train_drm", no_memory)
     monkeypatch.setattr(cli, "load_config", lambda cls, args: type("Cfg", (), {"out": str(args.out)})())
     monkeypatch.setattr("drm.host.import_comfy", lambda path=None: None)
     assert cli.main(["drm", "--out", "/tmp/never-written-by-this-test"]) == 2

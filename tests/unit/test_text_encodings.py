@@ -21,8 +21,9 @@ from drm.checkpoint import DRMCheckpointError
 from drm.conditioning import load_conditioning, save_conditioning
 from trainer.__main__ import main
 from trainer.config import ConfigError, field, load_config
-from trainer.data import DatasetError, EncodedPairs, load_pairs
 from trainer.prompts import PromptBank, load_prompt_bank, read_prompt_texts
+from trainer.reward.encoded import EncodedPairs
+from trainer.reward.pairs import DatasetError, load_pairs
 
 PROMPT = "红色的狐狸"  # its GBK bytes start with 0xba, which UTF-8 never starts a character with
 ENCODINGS = ["gbk", "latin-1"]
@@ -251,7 +252,7 @@ def test_grpo_with_a_gbk_config_exits_2_naming_it(grpo_files, tmp_path, capsys):
 ])
 def test_config_values_of_the_wrong_kind_or_range_are_refused_by_name(tmp_path, line, message):
     """TOML gives typed values: each must be the field's kind, finite and in range, or the run is refused."""
-    from trainer.drm_train import DRMTrainConfig
+    from trainer.reward.config import DRMTrainConfig
 
     (tmp_path / "base.safetensors").write_bytes(b"x")
     (tmp_path / "pairs.json").write_text("[]", encoding="utf-8")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drm.world import (
+from trainer.demo.world import (
     COLOURS,
     SHAPES,
     Scene,
@@ -109,7 +109,7 @@ def test_the_text_encoder_is_fixed_and_tells_word_order():
 
 
 def test_an_oblong_shape_keeps_its_name_and_loses_quality():
-    from drm.world import COLOURS, shape_mask
+    from trainer.demo.world import COLOURS, shape_mask
 
     fg, bg = torch.tensor(COLOURS["green"]).view(3, 1, 1), torch.tensor(COLOURS["white"]).view(3, 1, 1)
     images, prompts = [], []

@@ -18,7 +18,7 @@ import torch
 
 from drm.sde import sde_mean_std
 
-from .grpo_loss import gaussian_kl, group_advantages, transition_loss
+from .loss import gaussian_kl, group_advantages, transition_loss
 
 Advantages = Callable[[torch.Tensor], torch.Tensor]
 """rewards [groups, members] -> advantages of the same shape (group_advantages, or its global-std form)."""

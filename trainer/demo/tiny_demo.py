@@ -23,7 +23,7 @@ import torch
 def run_tiny_demo(out: str = "runs/demo-tiny", seed: int = 0, drm_steps: int = 120, grpo_iterations: int = 30) -> dict:
     """Run the stages; returns the summary (also written to <out>/demo.json). Raises ValueError when
     `out` cannot be the demo's folder (trainer.demo.demo_folder), RunInterrupted when Ctrl-C stops a stage."""
-    from .demo import demo_folder
+    from .world_demo import demo_folder
 
     with demo_folder(Path(out)) as root:
         return tiny_demo(root, seed, drm_steps, grpo_iterations)
@@ -36,18 +36,20 @@ def tiny_demo(root: Path, seed: int, drm_steps: int, grpo_iterations: int) -> di
     import comfy.sd
     import comfy.utils
 
-    from drm.checkpoint import atomic_save
     from drm.conditioning import save_conditioning
+    from drm.dina import import_dina
+    from drm.files import atomic_save
     from drm.runtime import load_drm
     from drm.stepwise import schedule_sigmas, stepwise_ksampler
-    from drm.tiny import tiny_conditioning, tiny_generator_state_dict
 
-    from .demo import stage
-    from .drm_train import DRMTrainConfig, train_drm
-    from .grpo_train import GRPOConfig, train_grpo
-    from .import_dina import import_dina
-    from .prompts import PromptBank
+    from ..grpo.config import GRPOConfig
+    from ..grpo.train import train_grpo
+    from ..prompts import PromptBank
+    from ..reward.config import DRMTrainConfig
+    from ..reward.train import train_drm
     from .synthetic import synthetic_latent_pairs, tiny_dina_snapshot, tiny_vae_state_dict
+    from .tiny import tiny_conditioning, tiny_generator_state_dict
+    from .world_demo import stage
 
     start = time.perf_counter()
     for sub in ("models", "data"):

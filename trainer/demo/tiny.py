@@ -13,9 +13,9 @@ import math
 import torch
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, get_2d_sincos_pos_embed
 
-from .checkpoint import HEAD_PREFIX, count_blocks
-from .head import ConvGNHead
-from .lora import LoRA, target_paths
+from drm.checkpoint import HEAD_PREFIX, count_blocks
+from drm.head import ConvGNHead
+from drm.lora import LoRA, target_paths
 
 CONTEXT_DIM = 4096
 POOLED_DIM = 2048

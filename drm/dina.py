@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from drm.checkpoint import FORMAT_KEY, HEAD_PREFIX, DRMCheckpointError, atomic_save, read_safetensors
-from drm.head import DiNaHead
-from drm.lora import PREFIX as LORA_PREFIX
-
-from .config import read_utf8_text
+from .checkpoint import FORMAT_KEY, HEAD_PREFIX, DRMCheckpointError, read_safetensors
+from .files import atomic_save, read_utf8_text
+from .head import DiNaHead
+from .lora import PREFIX as LORA_PREFIX
 
 # What the authors recommend for noising a clean latent before scoring: 0.4 for latents a sampler made,
 # 0.1 for encoded photos (diffusion-rm README and infer/inference.py); their training pads T5 to 128.

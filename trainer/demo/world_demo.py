@@ -1,6 +1,6 @@
 """`python -m trainer demo`: the whole pipeline on the shapes world, judged by an oracle that knows the answer.
 
-The world (drm/world.py, weights in world/) is 64x64 pictures of a circle, square or triangle in a
+The world (trainer/demo/world.py, weights in world/) is 64x64 pictures of a circle, square or triangle in a
 named colour on a coloured background, drawn by a small SD3.5-architecture model from prompts such as
 "a red circle on a blue background". The oracle reads decoded pixels only: does the picture show its
 prompt, and how well is it drawn (large, centred, clear of the edges, clean). The demo
@@ -52,7 +52,8 @@ def world_demo(root: Path, seed: int, samples_per_prompt: int, drm_steps: int, g
     from drm.runtime import load_drm
     from drm.stepwise import stepwise_ksampler
 
-    from .grpo_train import GRPOConfig, train_grpo
+    from ..grpo.config import GRPOConfig
+    from ..grpo.train import train_grpo
     from .world_data import (
         GENERATOR,
         PROMPTS,
@@ -145,8 +146,7 @@ def judged(label: str, world, drm, positive, rows: list[int], seed: int, sampler
     "seconds": sampling time, "images": [len(rows), 3, 64, 64], "scores": per-picture oracle scores,
     "matches": per-picture bools}.
     """
-    from drm.world import judge
-
+    from .world import judge
     from .world_data import decode, sample
 
     began = time.perf_counter()
@@ -169,7 +169,7 @@ def grid_png(texts: list[str], rows: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from drm.world import parse_prompt
+    from .world import parse_prompt
 
     fig, axes = plt.subplots(len(rows), len(SHOWN), figsize=(1.15 * len(SHOWN), 1.45 * len(rows) + 0.5), squeeze=False)
     for r, (label, result) in enumerate(rows.items()):
@@ -232,7 +232,7 @@ def install(world, drm_file: Path, lora_file: Path, models: Path) -> None:
 def stage(name: str, train, *args):
     """Run one trainer; if Ctrl-C or SIGTERM stops it, stop the demo too, saying where (the later
     stages need what it would have written)."""
-    from .runs import RunInterrupted
+    from ..runs import RunInterrupted
 
     try:
         return train(*args)
@@ -249,7 +249,7 @@ def demo_folder(root: Path) -> Iterator[Path]:
     is not an earlier demo's (no MARKER), one that holds anything a demo does not write, and one this
     process cannot write to. A folder another run is writing into is refused by the lock.
     """
-    from .runs import out_lock
+    from ..runs import out_lock
 
     blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:

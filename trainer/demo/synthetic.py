@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from drm.checkpoint import count_blocks
 from drm.head import DiNaHead
 
-from .data import EncodedPairs
+from ..reward.encoded import EncodedPairs
 
 PROMPTS = ("a red fox", "a blue lake", "a green forest", "an orange sunset")
 WARMTH_MARGIN = 0.1  # in [0, 1] pixel units: about 25 of 255 levels

@@ -1,8 +1,4 @@
-"""Preference pairs for DRM training: reading HPDv3-style files, encoding them once, caching the result.
-
-Input (`load_pairs`): UTF-8 JSON (a list of objects) or JSONL (one object per line), each
-`{"prompt": str, "path1": preferred image, "path2": other image, "confidence": optional float}`.
-Image paths are relative to the pairs file's folder; absolute paths are allowed.
+"""Preference pairs encoded once for DRM training (VAE latents and prompt conditioning), and their cache.
 
 Output (`encode_pairs`, `EncodedPairs.save` / `EncodedPairs.load`): one safetensors file with
 
@@ -39,248 +35,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from drm.checkpoint import DRMCheckpointError, HeaderNotUTF8, atomic_save, read_safetensors
+from drm.checkpoint import DRMCheckpointError, HeaderNotUTF8, read_safetensors
+from drm.files import atomic_save
 
-from .config import read_utf8_text
+from .images import check_resolution, load_image
+from .pairs import DatasetError, PairRecord, UnreadableImage
 
 log = logging.getLogger(__name__)
 
 PromptEncoder = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
 BAD_IMAGE_POLICIES = ("stop", "skip")
 TENSOR_KEYS = ("preferred", "rejected", "context", "pooled", "prompt_index")
-
-
-class DatasetError(ValueError):
-    """A preference dataset that cannot be used; the message names the file (and line) and what to do."""
-
-
-class UnreadableImage(DatasetError):
-    """An image file that is missing or cannot be decoded."""
-
-
-@dataclass(frozen=True)
-class PairRecord:
-    """One preference pair as read from the pairs file."""
-
-    prompt: str
-    preferred: Path
-    rejected: Path
-    confidence: float | None
-    line: int
-    source: Path  # the pairs file, for error messages
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading pairs files
-
-
-def load_pairs(path: str | os.PathLike, min_confidence: float = 0.0) -> list[PairRecord]:
-    """Read a JSON or JSONL pairs file; keep pairs whose confidence is >= min_confidence (or absent)."""
-    path = Path(path).absolute()
-    text = read_utf8_text(path, "pairs file", DatasetError)
-    objects = _json_list_items(text, path) if text.lstrip().startswith("[") else _jsonl_items(text, path)
-    records = [_to_record(obj, line, path) for line, obj in objects]
-    if not records:
-        raise DatasetError(f"pairs file {path} holds no pairs. Expected JSON or JSONL objects "
-                           '{"prompt", "path1" (preferred image), "path2" (other image)}.')
-    kept = [r for r in records if r.confidence is None or r.confidence >= min_confidence]
-    if not kept:
-        raise DatasetError(
-            f"pairs file {path}: read {len(records)} pairs, and min_confidence={min_confidence} removed all "
-            f"{len(records)} of them (the highest confidence is {max(r.confidence for r in records):g}). "
-            "Lower min_confidence, or check the file's confidence values.")
-    return kept
-
-
-def _jsonl_items(text: str, path: Path) -> list[tuple[int, object]]:
-    """(line number, parsed object) for each non-blank line."""
-    items = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append((number, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"pairs file {path}, line {number}: malformed JSON ({e.msg} at column {e.colno}). "
-                               "A JSONL file holds one JSON object per line.") from None
-    return items
-
-
-def _json_list_items(text: str, path: Path) -> list[tuple[int, object]]:
-    """(line where the element starts, parsed element) for each element of a top-level JSON list.
-
-    Elements are decoded one at a time so that errors can name the line of the offending pair.
-    """
-    decoder = json.JSONDecoder()
-
-    def fail(message: str, at: int) -> DatasetError:
-        return DatasetError(f"pairs file {path}, line {text.count(chr(10), 0, at) + 1}: malformed JSON ({message}).")
-
-    def skip_space(at: int) -> int:
-        while at < len(text) and text[at].isspace():
-            at += 1
-        return at
-
-    items = []
-    at = skip_space(text.index("[") + 1)
-    if at < len(text) and text[at] == "]":
-        return items
-    while True:
-        try:
-            obj, end = decoder.raw_decode(text, at)
-        except json.JSONDecodeError as e:
-            raise fail(e.msg, e.pos) from None
-        items.append((text.count("\n", 0, at) + 1, obj))
-        at = skip_space(end)
-        if at < len(text) and text[at] == ",":
-            at = skip_space(at + 1)
-        elif at < len(text) and text[at] == "]":
-            if text[at + 1:].strip():
-                raise fail("extra data after the closing ]", skip_space(at + 1))
-            return items
-        else:
-            raise fail("expected , or ] after a pair", at)
-
-
-def _to_record(obj: object, line: int, path: Path) -> PairRecord:
-    where = f"pairs file {path}, line {line}"
-    if not isinstance(obj, dict):
-        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
-    missing = [k for k in ("prompt", "path1", "path2") if k not in obj]
-    if missing:
-        raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}. Each pair needs "
-                           '"prompt", "path1" (preferred image) and "path2" (other image).')
-    for key in ("prompt", "path1", "path2"):
-        if not isinstance(obj[key], str):
-            raise DatasetError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}.")
-    for key in ("path1", "path2"):
-        if not obj[key].strip():
-            raise DatasetError(f"{where}: {key!r} is empty; it must name an image file.")
-    confidence = obj.get("confidence")
-    if confidence is not None:
-        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not math.isfinite(confidence):
-            raise DatasetError(f"{where}: 'confidence' must be a finite number or absent, got {confidence!r}.")
-        confidence = float(confidence)
-    return PairRecord(prompt=obj["prompt"], preferred=path.parent / obj["path1"], rejected=path.parent / obj["path2"],
-                      confidence=confidence, line=line, source=path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-
-
-def check_resolution(resolution: int) -> None:
-    """Raise ValueError unless `resolution` is a positive multiple of 16 (VAE /8, then MMDiT patch 2)."""
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % 16:
-        raise ValueError(f"resolution must be a positive multiple of 16 (the VAE downsamples by 8 and the "
-                         f"MMDiT patches 2x2 latents), got {resolution!r}. SD3.5-Medium is trained at 512 or 1024.")
-
-
-MAX_ASPECT = 8  # longest side / shortest side an image may have
-
-
-def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
-    """An image file as float32 [resolution, resolution, 3] (rows, columns, RGB), values in [0, 1].
-
-    The EXIF orientation is applied, the pixels become RGB floats by the rule for their Pillow mode
-    (below), then the shorter side is resized to `resolution` and the center is cropped. The resize
-    runs in float (`_resize`), so 16-bit precision survives it.
-
-    Rules, by mode:
-    - 1, L, P, RGB, RGBX, CMYK, YCbCr, LAB, HSV (8 bits per channel; Pillow itself opens 16-bit
-      colour PNGs as 8-bit RGB or RGBA): Pillow's conversion to 8-bit RGB (no ICC colour management), / 255.
-    - I;16, I;16L, I;16B, I;16N (16-bit grey): / 65535, the same value in all three channels.
-    - I (32-bit integer grey): what Pillow opens 16-bit PGM/PPM files as (and, in older Pillow
-      versions, 16-bit PNGs), so / 65535; values outside 0..65535 are refused, not guessed at.
-    - F (32-bit float grey, e.g. float TIFF or PFM): taken as is; values outside [0, 1], NaN or
-      infinite ones are refused.
-    - Transparency (LA, PA, RGBA, RGBa, or a colour key in any mode, as PNG and GIF store): composited
-      over white. The colours stored under transparent pixels are arbitrary (often black), so dropping
-      the alpha would train on whatever the saving program left there; white is how a page shows it.
-    - A mode Pillow cannot convert to RGB (La, premultiplied grey, which no file opens as) is refused.
-
-    Raises UnreadableImage, naming the file, for a missing or undecodable file, a refused mode or
-    values, or a shape longer than MAX_ASPECT:1.
-    """
-    check_resolution(resolution)
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)  # a decoded copy, upright
-    except FileNotFoundError:
-        raise UnreadableImage(f"image {path} does not exist") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UnreadableImage(f"image {path} cannot be decoded ({e})") from None
-    if max(image.size) > MAX_ASPECT * min(image.size):
-        # the shorter side is scaled to `resolution`, so a 2 x 10000 strip would become 512 x 2.56 million
-        raise UnreadableImage(f"image {path} is {image.size[0]}x{image.size[1]} pixels, more than {MAX_ASPECT}:1; "
-                              "a center crop of it would show almost nothing. Crop or pad it to a usual shape.")
-    pixels = image_to_rgb(image, path)
-    height, width = pixels.shape[:2]
-    scale = resolution / min(width, height)
-    # max(): rounding must never make the longer side shorter than the crop
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != (width, height):
-        pixels = _resize(pixels, size)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return torch.from_numpy(np.ascontiguousarray(pixels[top:top + resolution, left:left + resolution]))
-
-
-def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """float [H, W, 3] in [0, 1] -> [size[1], size[0], 3]: Pillow's bicubic filter on one 32-bit float
-    image per channel, so nothing is rounded to 8 bits; overshoot at hard edges is clipped to [0, 1]."""
-    channels = [Image.fromarray(np.ascontiguousarray(pixels[..., c])).resize(size, Image.Resampling.BICUBIC)
-                for c in range(pixels.shape[-1])]
-    return np.stack([np.asarray(channel) for channel in channels], axis=-1).clip(0.0, 1.0)
-
-
-# Modes with an alpha band; any mode may also carry a colour-key transparency (PNG tRNS, GIF) in info.
-ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa")
-# 16-bit, 32-bit integer and 32-bit float grey, which Pillow's conversion to RGB clips at 255.
-HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-def image_to_rgb(image: Image.Image, source: object) -> np.ndarray:
-    """The pixels of a Pillow image of any mode as float32 [height, width, 3] RGB in [0, 1], by the rules
-    in `load_image`'s docstring; `source` names the image in the UnreadableImage raised for a refused mode
-    or values."""
-    if image.mode in HIGH_DEPTH_MODES:
-        values = np.asarray(image)
-        low, high = values.min(), values.max()
-        if image.mode == "F" and not (np.isfinite(values).all() and 0.0 <= low and high <= 1.0):
-            raise UnreadableImage(f"image {source} holds 32-bit float grey values (Pillow mode F) from {low:g} to "
-                                  f"{high:g}; such images are read only when they lie in [0, 1]. Re-save it scaled "
-                                  "to 0..1, or as an 8- or 16-bit PNG.")
-        if image.mode == "I" and not (0 <= low and high <= 65535):
-            raise UnreadableImage(f"image {source} holds 32-bit integer grey values (Pillow mode I) from {low} to "
-                                  f"{high}; they are read as 16-bit (0..65535). Re-save it as a 16- or 8-bit PNG.")
-        grey = values.astype(np.float32) / (1.0 if image.mode == "F" else 65535.0)
-        rgb = np.repeat(grey[..., None], 3, axis=-1)
-        key = image.info.get("transparency")  # a PNG's 16-bit grey colour key
-        alpha = None if key is None else (values != key)[..., None].astype(np.float32)
-    else:
-        with_alpha = image.mode in ALPHA_MODES or "transparency" in image.info
-        try:
-            pixels = np.asarray(image.convert("RGBA" if with_alpha else "RGB"), dtype=np.float32) / 255.0
-        except ValueError as e:
-            raise UnreadableImage(f"image {source} has the Pillow mode {image.mode}, which cannot be converted to "
-                                  f"RGB ({e}). Re-save it as an 8-bit RGB PNG.") from None
-        rgb, alpha = pixels[..., :3], (pixels[..., 3:] if with_alpha else None)
-    return rgb if alpha is None else rgb * alpha + (1.0 - alpha)
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoded pairs
 
 
 @dataclass(eq=False)
@@ -331,7 +104,7 @@ class EncodedPairs:
     def load(cls, path: str | os.PathLike) -> EncodedPairs:
         """Read a file written by `save`, or by hand in the documented layout; clear errors otherwise."""
         path = Path(path)
-        how = "Write it with EncodedPairs.save, or in the layout described in trainer/data.py."
+        how = "Write it with EncodedPairs.save, or in the layout described in trainer/reward/data.py."
         if not path.is_file():
             raise DatasetError(f"encoded pairs file {path} does not exist. {how}")
         try:

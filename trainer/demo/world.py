@@ -234,7 +234,7 @@ def encode_prompts(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     TEXT_SEED; nothing is learned, so cached conditioning never goes stale. Raises ValueError for a
     prompt outside the grammar.
     """
-    from .conditioning import CONTEXT_WIDTH, POOLED_WIDTH
+    from drm.conditioning import CONTEXT_WIDTH, POOLED_WIDTH
 
     vocabulary = list(COLOURS) + list(SHAPES)
     gen = torch.Generator().manual_seed(TEXT_SEED)

@@ -43,7 +43,7 @@ def load_world(folder: str | Path = WORLD_DIR) -> World:
     import comfy.sd
     import comfy.utils
 
-    from .prompts import load_prompt_bank
+    from ..prompts import load_prompt_bank
 
     folder = Path(folder)
     missing = [n for n in (GENERATOR, VAE, PROMPTS) if not (folder / n).is_file()]
@@ -60,7 +60,8 @@ def save_conditioning_files(bank, folder: Path) -> int:
     drm.world.conditioning_file_name, plus its negative as NEGATIVE_FILE: what DRM Load Cached
     Conditioning reads from ComfyUI's models/drm_conditioning. Returns the number of files written."""
     from drm.conditioning import save_conditioning
-    from drm.world import conditioning_file_name
+
+    from .world import conditioning_file_name
 
     for i, text in enumerate(bank.texts):
         save_conditioning(folder / conditioning_file_name(text), bank.context[i:i + 1], bank.pooled[i:i + 1],
@@ -135,9 +136,8 @@ def oracle_pairs(world: World, rows: list[int], samples_per_prompt: int = 8, see
     """
     import comfy.sample
 
-    from drm.world import judge
-
-    from .data import EncodedPairs
+    from ..reward.encoded import EncodedPairs
+    from .world import judge
 
     if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt is {samples_per_prompt!r}; pairs need at least 2 samples per prompt "
@@ -175,7 +175,8 @@ def train_world_drm(pairs, folder: str | Path, steps: int = 300, seed: int = 0, 
     Raises ValueError, before writing anything, on steps < 1, a holdout outside (0, 1) and a folder
     that already holds a DRM run.
     """
-    from .drm_train import DRMTrainConfig, train_drm
+    from ..reward.config import DRMTrainConfig
+    from ..reward.train import train_drm
 
     folder = Path(folder)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

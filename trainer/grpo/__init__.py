@@ -1,0 +1,1 @@
+"""Step-GRPO and GRPO fine-tuning into a ComfyUI LoRA: config, rollout, loss, policy, LoRA export, the loop."""

@@ -1,0 +1,1 @@
+"""Training a DRM from preference pairs: pairs, images, encoding and cache, and the loop."""
