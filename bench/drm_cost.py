@@ -31,70 +31,15 @@ import argparse
 import functools
 import statistics
 import sys
-import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GiB = 2**30
+from bench.measure import GiB, TensorMemory, peak_bytes, timed  # noqa: E402, F401 (TensorMemory: tests/unit)
+
 CONTEXT_TOKENS = 154
-
-
-def timed(fn) -> float:
-    """Seconds for one call of fn, waiting for the GPU to finish."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-class TensorMemory(TorchDispatchMode):
-    """The most bytes of tensor storage alive at once among the storages that ops create inside this mode
-    (a kernel's private workspace is not a tensor and is not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._sizes: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()  # a view or in-place result shares an input's storage: not new
-                if key not in self._sizes and key not in inputs and storage.nbytes():
-                    self._sizes[key] = storage.nbytes()
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._freed, key)
-        return out
-
-    def _freed(self, key: int) -> None:
-        self.live -= self._sizes.pop(key)
-
-
-def peak_bytes(fn) -> int:
-    """Bytes one call of fn allocates above what is allocated before it."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with TensorMemory() as counted:
-        fn()
-    return counted.peak
 
 
 def candidate_counts(text: str) -> list[int]:

@@ -8,10 +8,11 @@ world generator against it with each algorithm and seed, at the same rollout bud
 loader and every prompt is sampled (euler, 20 steps, fixed seeds); the oracle scores the pictures
 and the DRM scores the latents.
 
-Prints, per algorithm, the oracle score (mean over seeds with a 95% interval over seeds) at each
-evaluated optimizer step and the training seconds to get there. Reward hacking is the DRM's gain
-outrunning the oracle's: both are shown as the change from step 0 in units of their own spread
-over the samples at step 0; `--plot` draws them.
+Prints, per algorithm, the oracle score (mean over seeds with a 95% t-interval over seeds,
+bench/stats.py) at each evaluated optimizer step and the training seconds to get there; then
+Step-GRPO minus GRPO at each step, paired over seeds (both ran on the same seeds and share the DRM)
+with its 95% t-interval. Reward hacking is the DRM's gain outrunning the oracle's: both are shown as
+the change from step 0 in units of their own spread over the samples at step 0; `--plot` draws them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> None:
     import comfy.sd
     import comfy.utils
 
-    from bench.stats import mean_ci
+    from bench.stats import mean_ci, paired_diff_ci, verdict
     from drm.runtime import load_drm
     from trainer.demo.world import judge
     from trainer.demo.world_data import (
@@ -120,8 +121,17 @@ def main() -> None:
             summary.setdefault(algorithm, []).append({"step": step, "seconds": seconds, "oracle": oracle, "ci95": half,
                                                       "oracle_gain": gain_o, "drm_gain": gain_d})
             print(f"{algorithm:<11}{step:>5}{seconds:>9.1f}{oracle:>12.3f} +- {half:.3f}{gain_o:>13.2f}{gain_d:>10.2f}")
+    print("\nStep-GRPO - GRPO, oracle score paired over seeds (95% t-interval; Step-GRPO is ahead only when it lies "
+          "above zero):")
+    paired = []
+    for i, step in enumerate(checkpoints[1:], start=1):
+        diff, half = paired_diff_ci([results["step-grpo"][s][i]["oracle"] for s in args.seeds],
+                                    [results["grpo"][s][i]["oracle"] for s in args.seeds])
+        paired.append({"step": step, "diff": diff, "ci95": half})
+        print(f"  step {step:>4}: {diff:+.3f} +- {half:.3f} ({verdict(diff, half)})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"per_seed": results, "summary": summary}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"per_seed": results, "summary": summary,
+                                               "step_grpo_minus_grpo": paired}, indent=2) + "\n")
     if args.plot:
         import matplotlib
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from .files import atomic_save
 
@@ -24,6 +25,7 @@ FORMATS = ("full", "official", "adapter")
 OFFICIAL_SKIPPED_BLOCKS = {24: 3, 38: 5}  # 2BConvGN (SD3.5-M), 7BConvGN (SD3.5-L)
 OFFICIAL_PREFIX = "transformer."
 HEAD_PREFIX = "reward_output."
+PLAIN_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # read as they are; others are dequantized
 MAX_HEADER_BYTES = 100_000_000  # the largest header the safetensors library reads (its MAX_HEADER_SIZE)
 
 
@@ -31,6 +33,19 @@ def count_blocks(state_dict: dict[str, torch.Tensor], prefix: str = "joint_block
     """Joint blocks in a comfy-named state dict (highest index + 1)."""
     indices = {int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix)}
     return max(indices) + 1 if indices else 0
+
+
+def beyond_blocks(path: str, blocks: int) -> bool:
+    """Whether a comfy-named key or module path lies in a joint block at index >= `blocks`: one that a DRM
+    running `blocks` blocks leaves out."""
+    parts = path.split(".")
+    return parts[0] == "joint_blocks" and len(parts) > 1 and int(parts[1]) >= blocks
+
+
+def keep_blocks(state_dict: dict[str, torch.Tensor], blocks: int) -> dict[str, torch.Tensor]:
+    """A comfy-named MMDiT state dict without its joint blocks from index `blocks` on (the tensors are
+    shared, not copied): the part a DRM that runs `blocks` blocks keeps."""
+    return {k: v for k, v in state_dict.items() if not beyond_blocks(k, blocks)}
 
 
 class DRMCheckpointError(ValueError):
@@ -174,18 +189,121 @@ def _own_parts(drm) -> dict[str, torch.Tensor]:
     return state
 
 
-def full_state_dict(drm) -> dict[str, torch.Tensor]:
+def full_state_dict(drm, dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
     """A DRM's tensors in the `full` layout, on the CPU: its kept blocks (a LoRA, if any, merged in),
-    final layer and head. For an adapter DRM, the blocks are read from the generator it shares."""
-    state = {k: v for k, v in drm.backbone.state_dict().items()
-             if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= drm.blocks)
-             and not k.startswith("final_layer.")}  # a shared generator backbone has its own final layer
+    final layer and head. For an adapter DRM, the blocks are read from the generator it shares, each layer
+    as that generator computes with it (backbone_weights: fp8, scaled fp8, GGUF and other quantized layers
+    are dequantized), and the LoRA is merged in float32.
+
+    `dtype`: the dtype of dequantized and merged layers (default: float32, or a merged layer's own 16/32-bit
+    float dtype); `device`: where quantized layers are run to read them (backbone_weights). Raises
+    UnreadableWeights when a kept layer cannot be read.
+    """
+    def kept(path: str) -> bool:  # a shared generator backbone has its own final layer
+        return path.split(".")[0] != "final_layer" and not beyond_blocks(path, drm.blocks)
+
+    state = backbone_weights(drm.backbone, kept, dtype, device)
     if drm.lora is not None:
         for i, module_path in enumerate(drm.lora.paths):
             key = module_path + ".weight"
-            state[key] = (state[key].float().cpu() + drm.lora.merged_delta(i).detach().cpu().float()).to(state[key].dtype)
+            # A 16-bit weight would lose small LoRA changes before the sum: merge in float32 always.
+            merged = state[key].float() + drm.lora.merged_delta(i).detach().cpu().float()
+            state[key] = merged.to(dtype or (state[key].dtype if state[key].dtype in PLAIN_FLOATS else torch.float32))
     state.update(_own_parts(drm))
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+class UnreadableWeights(ValueError):
+    """A layer of a model whose weights cannot be read as plain tensors (the message names it and its storage)."""
+
+
+def backbone_weights(root: nn.Module, keep=lambda path: True, dtype: torch.dtype | None = None,
+                     device=None) -> dict[str, torch.Tensor]:
+    """The tensors of `root`'s modules whose path `keep(path)` accepts, as the model computes with them,
+    under state-dict names, on the CPU.
+
+    - float32, float16 and bfloat16 tensors come as they are;
+    - float8 tensors without a scale are cast to `dtype` (default float32), which is how ComfyUI computes
+      with them;
+    - a linear layer holding anything else (ComfyUI 0.3.64's scaled fp8 with its scale_weight, 0.26's
+      comfy_quant layers, a GGUF file's packed blocks, which its state dict shows as meta tensors) is read by
+      running it on `device`: its float32 outputs for the rows of an identity matrix, less its output for
+      zeros, are its weight [out, in], dequantized exactly as it dequantizes for every forward.
+
+    Raises UnreadableWeights naming any other tensor that is not stored as its plain values.
+    """
+    out = {}
+    for path, module in root.named_modules():
+        tensors = {name: t for name, t in [*module._parameters.items(), *module._buffers.items()]
+                   if t is not None and name not in module._non_persistent_buffers_set}
+        if not tensors or not keep(path):
+            continue
+        prefix = f"{path}." if path else ""
+        if _is_linear(module) and (set(tensors) - {"weight", "bias"} or not all(map(_is_plain, tensors.values()))):
+            weight, bias = _run_linear(module, prefix[:-1], device)
+            run = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+            out.update({prefix + name: t.to(dtype or torch.float32) for name, t in run.items()})
+            continue
+        for name, t in tensors.items():
+            value = _plain_value(t)
+            if value is None:
+                raise UnreadableWeights(f"layer {prefix}{name} is stored as {_describe_storage(t)}, not as its values")
+            if value.is_floating_point() and value.dtype not in PLAIN_FLOATS:  # float8, unscaled: ComfyUI casts it
+                value = value.to(dtype or torch.float32)
+            out[prefix + name] = value.detach().cpu()
+    return out
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """torch's Linear, ComfyUI's ops (0.26's quantized Linear is no nn.Linear) and GGUF's: y = x W^T + b."""
+    return isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter) and not t.is_meta
+
+
+def _plain_value(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor as a plain torch.Tensor of its values, or None when its storage does not hold them as they are."""
+    if _is_plain(t):
+        return t
+    if t.is_meta or not t.is_floating_point():
+        return None
+    try:  # a subclass (GGUF keeps its unquantized tensors so) whose storage is the values, shaped as it reports
+        data = t.as_subclass(torch.Tensor)
+    except (RuntimeError, TypeError):
+        return None
+    return data if tuple(data.shape) == tuple(t.shape) and data.dtype == t.dtype else None
+
+
+def _describe_storage(t: torch.Tensor) -> str:
+    quant = getattr(getattr(t, "tensor_type", None), "name", None)  # GGUF's GGMLTensor names its block format
+    where = "a meta tensor (no data)" if t.is_meta else f"{type(t).__name__} data of dtype {str(t.dtype).replace('torch.', '')}"
+    return where + (f" in {quant} blocks" if quant else "")
+
+
+def _run_linear(layer: nn.Module, path: str, device=None, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias [out] or None), float32 on the CPU: what `layer` computes with, read off its outputs."""
+    device = device or next((t.device for t in layer.parameters() if not t.is_meta), torch.device("cpu"))
+    n = layer.in_features
+
+    def unit_rows(start: int) -> torch.Tensor:  # rows start, start + 1, ... of the n x n identity, float32
+        count = min(rows, n - start)
+        return torch.cat([torch.zeros(count, start, device=device), torch.eye(count, n - start, device=device)], 1)
+
+    try:
+        with torch.no_grad():
+            offset = layer(torch.zeros(1, n, device=device)).float()
+            columns = [(layer(unit_rows(start)).float() - offset).cpu() for start in range(0, n, rows)]
+    except (RuntimeError, TypeError, ValueError) as e:  # NotImplementedError is a RuntimeError
+        raise UnreadableWeights(f"layer {path} ({type(layer).__name__}) could not be run to read its weights "
+                                f"({type(e).__name__}: {e})") from None
+    weight = torch.cat(columns).T.contiguous()
+    if tuple(weight.shape) != (layer.out_features, n):
+        raise UnreadableWeights(f"layer {path} ({type(layer).__name__}) gives {weight.shape[0]} outputs, not its "
+                                f"out_features {layer.out_features}")
+    bias = offset[0].cpu() if getattr(layer, "bias", None) is not None else None
+    return weight, bias
 
 
 def save_full(drm, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -36,6 +36,8 @@ NOISE_SIGMA_GENERATED = 0.4
 NOISE_SIGMA_IMAGE = 0.1
 T5_LENGTH = 128
 MAX_BLOCKS = 38  # SD3.5-Large; SD3.5-Medium has 24
+# torch.save's zip archive, or its legacy format (a pickle, whose first opcode is PROTO)
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 HEAD_OPTIONS = {"width", "out_dim", "num_queries", "num_attn_heads", "dropout", "use_proj_in"}
 # diffusers attention layer -> (ComfyUI layer, slot in a fused qkv or None)
 LAYERS = {
@@ -67,8 +69,9 @@ def import_dina(snapshot: str | Path, out: str | Path) -> dict[str, str]:
     model = _model_config(root / "config.json")
     blocks = model["num_transformer_layers"]
     lora_dir = root / "checkpoint" / "backbone_lora"
-    scale = _lora_scale(lora_dir / "adapter_config.json")
-    tensors = _comfy_lora(lora_dir / "adapter_model.safetensors", scale, blocks)
+    lora = _lora_config(lora_dir / "adapter_config.json")
+    tensors = _comfy_lora(lora_dir / "adapter_model.safetensors", lora, blocks)
+    _check_run_config(lora, model.get("lora_config"))
     token_dim = next(v for k, v in tensors.items() if k.endswith(".lora_down.weight")).shape[1]
     head_config = _head_config(model, token_dim)
     head = _head_state_dict(root / "checkpoint" / "rm_head.pt", head_config, token_dim)
@@ -158,8 +161,9 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _lora_scale(path: Path) -> float:
-    """alpha / r of the snapshot's peft LoRA, after refusing the peft options that change its math."""
+def _lora_config(path: Path) -> dict:
+    """The snapshot's peft LoRA config, after refusing the peft options that change its math: r, lora_alpha
+    and the fields the tensors must agree with (target_modules, exclude_modules, layers_to_transform)."""
     config = _read_json(path, "LoRA config", "the snapshot's LoRA config (checkpoint/backbone_lora/adapter_config.json)")
     if not isinstance(config, dict):
         raise SnapshotError(f"{path} is not a peft LoRA config (a JSON object).")
@@ -175,11 +179,38 @@ def _lora_scale(path: Path) -> float:
             or not math.isfinite(alpha) or alpha <= 0:
         raise SnapshotError(f"{path}: r = {r!r}, lora_alpha = {alpha!r}; expected a positive integer and a positive "
                             "finite number.")
-    return alpha / r
+    for field in ("target_modules", "exclude_modules"):
+        value = config.get(field)
+        if value is not None and not _valid_modules(value):
+            raise SnapshotError(f"{path}: {field} = {value!r}; expected a list of module names or a regular expression.")
+    layers = config.get("layers_to_transform")
+    layers = [layers] if _is_int(layers) else layers
+    if layers is not None and not (isinstance(layers, list) and layers and all(_is_int(i) and i >= 0 for i in layers)):
+        raise SnapshotError(f"{path}: layers_to_transform = {config['layers_to_transform']!r}; expected block indices.")
+    return {"r": r, "alpha": alpha, "path": path, "targets": config.get("target_modules"),
+            "excluded": config.get("exclude_modules"), "layers": layers}
 
 
-def _comfy_lora(path: Path, scale: float, blocks: int) -> dict[str, torch.Tensor]:
-    """The peft LoRA tensors under ComfyUI's MMDiT names (fused qkv adapters stacked), float32."""
+def _valid_modules(value) -> bool:
+    if isinstance(value, list):
+        return all(isinstance(v, str) for v in value)
+    try:
+        return isinstance(value, str) and re.compile(value) is not None
+    except re.error:
+        return False
+
+
+def _names(pattern, module: str) -> bool:
+    """Whether a peft target_modules / exclude_modules value names `module` (transformer_blocks.N.attn.to_q) as
+    peft matches it: a string is a regular expression for the whole name, a list holds names or name endings."""
+    if isinstance(pattern, str):
+        return pattern == "all-linear" or re.fullmatch(pattern, module) is not None
+    return any(module == name or module.endswith("." + name) for name in pattern)
+
+
+def _comfy_lora(path: Path, lora: dict, blocks: int) -> dict[str, torch.Tensor]:
+    """The peft LoRA tensors under ComfyUI's MMDiT names (fused qkv adapters stacked), float32, after checking
+    them against their config `lora` (_lora_config)."""
     if not path.is_file():
         raise SnapshotError(f"{path} is missing: the snapshot's LoRA weights (checkpoint/backbone_lora/).")
     try:
@@ -187,6 +218,7 @@ def _comfy_lora(path: Path, scale: float, blocks: int) -> dict[str, torch.Tensor
     except DRMCheckpointError as e:
         raise SnapshotError(str(e)) from None
     parts: dict[str, dict[int | None, dict[str, torch.Tensor]]] = {}
+    modules: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in peft.items():
         match = LORA_KEY.match(key)
         if match is None:
@@ -200,6 +232,9 @@ def _comfy_lora(path: Path, scale: float, blocks: int) -> dict[str, torch.Tensor
             raise SnapshotError(f"{path}: tensor {key!r} is in block {block}, but config.json keeps {blocks} blocks.")
         target, slot = LAYERS[(attn, layer)]
         parts.setdefault(f"joint_blocks.{block}.{target}", {}).setdefault(slot, {})[ab] = tensor.float()
+        modules.setdefault((block, attn, layer), {})[ab] = tensor
+    _check_against_config(path, modules, lora, blocks)
+    scale = lora["alpha"] / lora["r"]
     out = {}
     width = next(iter(peft.values())).shape[1] if peft else 0  # SD3 attention layers are all width x width
     for target, slots in parts.items():
@@ -228,6 +263,58 @@ def _comfy_lora(path: Path, scale: float, blocks: int) -> dict[str, torch.Tensor
     return out
 
 
+def _check_against_config(path: Path, modules: dict, lora: dict, blocks: int) -> None:
+    """Refuse LoRA tensors that are not what adapter_config.json says they are: another rank (peft refuses that
+    pair too), a layer its target_modules / exclude_modules / layers_to_transform leaves out, or a targeted
+    layer of a kept block without a LoRA. `modules`: (block, attention, layer) -> {"A": lora_A, "B": lora_B}."""
+    config, r, targets, excluded = lora["path"].name, lora["r"], lora["targets"], lora["excluded"]
+    again = "The two files do not belong together: download the snapshot again."
+
+    def targeted(name: str) -> bool:
+        return (targets is None or _names(targets, name)) and (excluded is None or not _names(excluded, name))
+
+    for (block, attn, layer), pair in sorted(modules.items()):
+        name, rank = f"transformer_blocks.{block}.{attn}.{layer}", pair["A"].shape[0] if "A" in pair else pair["B"].shape[1]
+        if rank != r:
+            raise SnapshotError(f"{path}: the LoRA on {name} has rank {rank}, but {config} says r = {r} (it would run at "
+                                f"{rank}/{r} of its strength; peft refuses such a pair). {again}")
+        if not targeted(name):
+            raise SnapshotError(f"{path} holds a LoRA on {name}, which {config} does not target (target_modules = "
+                                f"{targets!r}, exclude_modules = {excluded!r}). {again}")
+    layers = lora["layers"]
+    if layers is not None and max(layers) >= blocks:
+        raise SnapshotError(f"{lora['path']}: layers_to_transform = {layers}, but config.json keeps {blocks} blocks.")
+    adapted = sorted(set(layers)) if layers is not None else list(range(blocks))
+    stray = sorted({block for block, _, _ in modules} - set(adapted))
+    if stray:
+        raise SnapshotError(f"{path} holds a LoRA on block {stray[0]}, which {config}'s layers_to_transform = {layers} "
+                            f"leaves out. {again}")
+    if targets is None:
+        return
+    for block in adapted:
+        for attn in ("attn", "attn2"):
+            if attn == "attn2" and not any(key[:2] == (block, "attn2") for key in modules):
+                continue  # only some SD3.5 blocks have a second attention
+            # the last block of a whole SD3 model outputs no text tokens, so it has no to_add_out
+            missing = [f"transformer_blocks.{block}.{attn}.{layer}" for a, layer in LAYERS if a == attn
+                       and (block, attn, layer) not in modules and targeted(f"transformer_blocks.{block}.{attn}.{layer}")
+                       and not (layer == "to_add_out" and block == blocks - 1)]
+            if missing:
+                raise SnapshotError(f"{path} has no LoRA on {', '.join(missing[:3])}, which {config} targets (config.json "
+                                    f"keeps {blocks} blocks): the file is incomplete. Download the snapshot again.")
+
+
+def _check_run_config(lora: dict, trained) -> None:
+    """Refuse an adapter_config.json that disagrees with config.json's model.lora_config (the run's own LoRA
+    settings) on r, lora_alpha or target_modules."""
+    stated = {"r": lora["r"], "lora_alpha": lora["alpha"], "target_modules": lora["targets"]}
+    for field, value in trained.items() if isinstance(trained, dict) else ():
+        if stated.get(field) is not None and value != stated[field]:
+            raise SnapshotError(f"{lora['path']}: {field} = {stated[field]!r}, but config.json's model.lora_config."
+                                f"{field} = {value!r}: the two files are not from one training run. Download the "
+                                "snapshot again.")
+
+
 def _head_config(model: dict, token_dim: int) -> dict:
     """DiNaHead's arguments for this snapshot (json-able)."""
     head = model["reward_head"]
@@ -235,6 +322,15 @@ def _head_config(model: dict, token_dim: int) -> dict:
     return {"image_taps": model["visual_head_idx"], "text_taps": model["text_head_idx"],
             "width": token_dim if width in (-1, None) else width, "num_queries": head.get("num_queries", 4),
             "num_attn_heads": head.get("num_attn_heads", 8), "use_proj_in": bool(head.get("use_proj_in", False))}
+
+
+def _looks_like(start: bytes) -> str:
+    """What a file that is no torch file seems to be, from its first bytes (or nothing)."""
+    if start.lstrip().startswith(b"<"):
+        return ": an HTML page, such as a download site's error or sign-in page"
+    if start.startswith(b"version https://git-lfs"):
+        return ": a Git LFS pointer, not the file it points to"
+    return ""
 
 
 def _first_line(error: BaseException) -> str:
@@ -246,12 +342,19 @@ def _head_state_dict(path: Path, head_config: dict, token_dim: int) -> dict[str,
     """rm_head.pt's tensors, read without running pickled code and checked against the head's shapes."""
     if not path.is_file():
         raise SnapshotError(f"{path} is missing: the snapshot's reward head (checkpoint/rm_head.pt).")
+    with open(path, "rb") as f:
+        start = f.read(64)
+    if not start.startswith(TORCH_FILE_STARTS):  # e.g. a site's error page saved under the file's name
+        what = "it is empty" if not start else f"it starts with {start[:24]!r}{_looks_like(start)}"
+        raise SnapshotError(f"{path} is not a PyTorch file ({what}); download it again.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):  # a real pickle holding objects other than tensors
             raise SnapshotError(f"{path} needs full unpickling, which can run code; only a plain state dict of tensors "
-                                "is read (torch.load with weights_only=True refused it).") from None
+                                "is read (torch.load with weights_only=True refused it). Download the snapshot again "
+                                "from its release, or, on a machine you trust with code from its source, load it and "
+                                "torch.save its state dict of tensors.") from None
         raise SnapshotError(f"{path} is not a readable torch file ({_first_line(e)}); download it again.") from None
     except Exception as e:  # torch's unpickler raises many kinds on bytes that are not a torch file
         raise SnapshotError(f"{path} is not a readable torch file ({_first_line(e)}); download it again.") from None

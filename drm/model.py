@@ -19,7 +19,8 @@ import torch.utils.checkpoint
 from comfy.ldm.modules.diffusionmodules.mmdit import FinalLayer, MMDiT
 from torch import nn
 
-from .checkpoint import HEAD_PREFIX, count_blocks
+from .checkpoint import HEAD_PREFIX, count_blocks, keep_blocks
+from .fit import Shapes
 from .head import ConvGNHead, DiNaHead
 from .lora import PREFIX as LORA_PREFIX
 from .lora import LoRA
@@ -58,24 +59,9 @@ class DRM(nn.Module):
         self.checkpointing = False  # activation checkpointing of the joint blocks, for training
 
     @property
-    def in_channels(self) -> int:
-        return self.backbone.in_channels
-
-    @property
-    def context_dim(self) -> int | None:
-        embedder = self.backbone.context_embedder
-        return getattr(embedder, "in_features", None)
-
-    @property
-    def pooled_dim(self) -> int | None:
-        y = self.backbone.y_embedder
-        return None if y is None else y.mlp[0].in_features
-
-    @property
-    def max_latent_size(self) -> int | None:
-        """Largest latent height/width the position embedding covers (None: unbounded)."""
-        m = self.backbone
-        return None if m.pos_embed_max_size is None else m.pos_embed_max_size * m.patch_size
+    def shapes(self) -> Shapes:
+        """What its inputs must fit: latent channels, text widths, the largest latent side (drm.fit)."""
+        return Shapes.of_mmdit(self.backbone)
 
     def run_blocks(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                    image_taps: tuple[int, ...] = (), text_taps: tuple[int, ...] = ()):
@@ -188,8 +174,7 @@ def build_drm(state_dict: dict[str, torch.Tensor], blocks: int, dtype: torch.dty
     available = count_blocks(backbone_sd)
     if not 1 <= blocks <= available:
         raise ValueError(f"blocks={blocks}: the checkpoint holds {available} joint blocks.")
-    backbone_sd = {k: v for k, v in backbone_sd.items()
-                   if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= blocks)}
+    backbone_sd = keep_blocks(backbone_sd, blocks)
 
     final_sd = {k[len("final_layer."):]: v for k, v in backbone_sd.items() if k.startswith("final_layer.")}
     backbone_sd = {k: v for k, v in backbone_sd.items() if not k.startswith("final_layer.")}

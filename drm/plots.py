@@ -1,4 +1,4 @@
-"""Plots rendered with matplotlib (Agg) into ComfyUI IMAGE tensors or PNG files."""
+"""The nodes' plots, rendered with matplotlib (Agg) into ComfyUI IMAGE tensors (the trainers' are in trainer/figures.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import io
 
 import numpy as np
 import torch
-
-from .files import atomic_path
 
 
 def _figure_to_image(fig) -> torch.Tensor:
@@ -44,37 +42,3 @@ def reward_trace_image(trace, title: str = "DRM step-wise sampling") -> torch.Te
     plt.close(fig)
     return image
 
-
-def training_curves_png(metrics_csv, path, title: str = "training") -> None:
-    """Loss and accuracy against step from a metrics CSV (columns step, loss, *acc*), as a PNG."""
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(metrics_csv, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = [int(r["step"]) for r in rows]
-    loss_ax.plot(steps, [float(r["loss"]) for r in rows])
-    loss_ax.set_xlabel("optimizer step")
-    loss_ax.set_ylabel("loss (nats)")
-    loss_ax.set_title("training loss", fontsize=10)
-    for column in [c for c in (rows[0] if rows else {}) if "acc" in c]:
-        points = [(int(r["step"]), float(r[column])) for r in rows if r[column]]
-        if points:
-            acc_ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=column)
-    acc_ax.set_xlabel("optimizer step")
-    acc_ax.set_ylabel("preference accuracy (fraction)")
-    acc_ax.set_ylim(0, 1)
-    acc_ax.legend(fontsize=7)
-    acc_ax.set_title("accuracy", fontsize=10)
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)

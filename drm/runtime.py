@@ -17,18 +17,20 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.samplers
+import comfy.utils
 import torch
 
-from .checkpoint import DRMCheckpoint, DRMCheckpointError, full_state_dict, load_checkpoint
+from .checkpoint import DRMCheckpoint, DRMCheckpointError, UnreadableWeights, full_state_dict, load_checkpoint
+from .fit import Shapes, shape_differences
 from .model import DRM, build_adapter_drm, build_drm, head_config_of
 from .sde import renoise
 
-SD3_SHIFT = 3.0
+SD3_SIGMA_SHIFT = 3.0  # SD3's shift of the sigma schedule (ModelSamplingSD3's `shift`), not a latent shift
 CLIP_TOKENS = 77  # SD3's context starts with CLIP-L/G's 77 tokens; T5's follow
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def flow_model_sampling(shift: float = SD3_SHIFT):
+def flow_model_sampling(shift: float = SD3_SIGMA_SHIFT):
     """ComfyUI's rectified-flow sampling object (CONST + discrete flow), as SD3 models carry."""
     settings = SimpleNamespace(sampling_settings={"shift": shift})
     return comfy.model_base.model_sampling(settings, comfy.model_base.ModelType.FLOW)
@@ -58,11 +60,13 @@ class LoadedDRM:
     # ---- input checks: each names the input, what was expected, and what to do ----
 
     def check_latent(self, x: torch.Tensor, what: str = "latent") -> None:
-        if x.ndim != 4 or x.shape[1] != self.model.in_channels:
-            raise ValueError(f"{what} has shape {tuple(x.shape)}; the DRM expects [B, {self.model.in_channels}, H, W] "
+        fits = self.model.shapes
+        problems = {d.name for d in shape_differences(Shapes.of_data(latent=x), fits)}
+        if x.ndim != 4 or "latent_channels" in problems:
+            raise ValueError(f"{what} has shape {tuple(x.shape)}; the DRM expects [B, {fits.latent_channels}, H, W] "
                              "(an SD3-family latent). Use a latent from an SD3/SD3.5 model.")
-        limit = self.model.max_latent_size
-        if limit is not None and max(x.shape[-2:]) > limit:
+        if "latent_size" in problems:
+            limit = fits.max_latent_size
             raise ValueError(f"{what} is {x.shape[-2]}x{x.shape[-1]} (latent pixels); this DRM's position embedding "
                              f"covers at most {limit}x{limit} ({limit * 8}x{limit * 8} image pixels). Score a smaller image.")
         if not torch.isfinite(x).all():
@@ -76,7 +80,8 @@ class LoadedDRM:
                              "pure noise at sigma 1; score the next step instead.")
 
     def conditioning_tensors(self, conditioning, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context [B, T, C], pooled [B, P]) from a ComfyUI CONDITIONING; the first entry is used."""
+        """(context [B, T, C], pooled [B, P]) from a ComfyUI CONDITIONING; the first entry is used. A batch of n
+        prompts is tiled over the B latents as ComfyUI's samplers tile it: latent r gets prompt r % n."""
         if not conditioning:
             raise ValueError("positive conditioning is empty; connect a CLIPTextEncode (SD3 text encoders) output.")
         context, extras = conditioning[0][0], conditioning[0][1]
@@ -84,9 +89,10 @@ class LoadedDRM:
         if pooled is None:
             raise ValueError("positive conditioning has no pooled_output; the DRM needs SD3 conditioning "
                              "(CLIP-L + CLIP-G + T5 through an SD3 CLIP loader).")
-        if context.shape[-1] != self.model.context_dim or pooled.shape[-1] != self.model.pooled_dim:
+        fits = self.model.shapes
+        if shape_differences(Shapes.of_data(context=context, pooled=pooled), fits):
             raise ValueError(f"positive conditioning has width {context.shape[-1]} and pooled width {pooled.shape[-1]}; "
-                             f"this DRM expects {self.model.context_dim} and {self.model.pooled_dim} (SD3 text encoders).")
+                             f"this DRM expects {fits.context} and {fits.pooled} (SD3 text encoders).")
         self.check_text_length(context)
         return _to_batch(context, batch, "conditioning"), _to_batch(pooled, batch, "pooled conditioning")
 
@@ -220,33 +226,60 @@ class LoadedDRM:
                       progress=None, noise_sigma: float = 0.0, noise_draws: int = 1, seed: int = 0) -> torch.Tensor:
         """Scores [B] of graph LATENT samples sitting at noise level `sigma` (0: clean).
 
-        With `noise_sigma` above `sigma`, each latent is first noised forward to that level (drm.sde.renoise;
-        DiNa-LRM scores clean latents so) with noise drawn from CPU generators seeded `seed`, `seed + 1`, ...,
-        one per draw, and the scores of `noise_draws` draws are averaged. A latent already at or above
-        `noise_sigma` is scored as it is. Scores `chunk` latents per DRM call; `progress(done, total)` runs
-        after each call (the node uses it for its progress bar and to honour cancel).
+        With `noise_sigma` above `sigma`, each latent is first noised forward to that level, as
+        score_noised does with the int `seed`. Scores `chunk` latents per DRM call; `progress(done, total)`
+        runs after each call (the node uses it for its progress bar and to honour cancel).
         """
         self.check_sigma(sigma)
         self.check_sigma(noise_sigma, "noise_sigma")
-        if noise_draws < 1:
-            raise ValueError(f"noise_draws={noise_draws}: expected at least 1.")
         self.check_latent(samples)
         x = self.model_space(samples, sigma)
         context, pooled = self.conditioning_tensors(conditioning, x.shape[0])
+        return self.score_noised(x, sigma, context, pooled, noise_sigma, seed, noise_draws, chunk=chunk,
+                                 progress=progress).to(samples.device)
+
+    def score_noised(self, x: torch.Tensor, sigma: float, context: torch.Tensor, pooled: torch.Tensor,
+                     noise_sigma: float, seed: int | list[int] = 0, noise_draws: int = 1,
+                     context_length: torch.Tensor | None = None, chunk: int | None = None,
+                     progress=None) -> torch.Tensor:
+        """Scores [B] (float32, on x's device) of model-space latents x [B, C, H, W] at noise level `sigma`,
+        row b against context[b] [T, C'] (at its own context_length[b] tokens; None: all T) and pooled[b].
+
+        The one re-noising path of nodes and trainer. With `noise_sigma` above `sigma`, each latent is
+        first noised forward to that level (drm.sde.renoise; DiNa-LRM scores clean latents so) and the
+        scores of `noise_draws` draws are averaged. Draw d's noise is N(0, I) from CPU generators: with an
+        int `seed`, one seeded `seed + d` draws the whole batch (x's shape); with one seed per row, row b's
+        comes from one seeded `seed[b] + d`, so rows with equal seeds get equal noise. A latent already at
+        or above `noise_sigma` is scored as it is. Scores `chunk` latents per DRM call (None: all at
+        once); `progress(done, total)` runs after each call. Raises ValueError for noise_draws < 1 or a
+        seed list whose length is not B.
+        """
+        from .conditioning import by_context_length
+
+        if noise_draws < 1:
+            raise ValueError(f"noise_draws={noise_draws}: expected at least 1.")
+        if not isinstance(seed, int) and len(seed) != x.shape[0]:
+            raise ValueError(f"seed: {len(seed)} seeds for {x.shape[0]} latents; pass one int or one seed per latent.")
         draws = noise_draws if noise_sigma > sigma else 1
+        chunk = chunk or max(1, x.shape[0])
         total = draws * x.shape[0]
         scores = torch.zeros(x.shape[0])
         for draw in range(draws):
             level, noisy = sigma, x
             if noise_sigma > sigma:
-                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed((seed + draw) % 2**64))
+                seeds, shape = ([seed], x.shape) if isinstance(seed, int) else (seed, (1, *x.shape[1:]))
+                noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed((s + draw) % 2**64))
+                                   for s in seeds])
                 level, noisy = noise_sigma, renoise(x, sigma, noise_sigma, noise)
             for start in range(0, x.shape[0], chunk):
                 end = start + chunk
-                scores[start:end] += self.score(noisy[start:end], level, context[start:end], pooled[start:end]).cpu()
+                lengths = None if context_length is None else context_length[start:end]
+                scores[start:end] += by_context_length(
+                    lambda c, rows, p, level=level: self.score(rows, level, c, p), context[start:end], lengths,
+                    noisy[start:end], pooled[start:end]).cpu()
                 if progress is not None:
                     progress(draw * x.shape[0] + min(end, x.shape[0]), total)
-        return (scores / draws).to(samples.device)
+        return (scores / draws).to(x.device)
 
     def recommended_noise_sigma(self, for_images: bool = False) -> float:
         """The level the DRM's file recommends for noising clean latents before scoring (drm.noise_sigma,
@@ -298,11 +331,13 @@ def weight_changes(patcher) -> list[str]:
 
 
 def _to_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-    if t.shape[0] == batch:
-        return t
+    """`t` [n, ...] as `batch` rows, by ComfyUI's samplers' rule (comfy.utils.repeat_to_batch_size, as
+    comfy.conds applies it): latent row r gets prompt r % n, so a longer batch keeps its first `batch` rows."""
+    if t.shape[0] == 0:
+        raise ValueError(f"{what} has batch 0 (no prompt); connect a text encoder's output.")
     if t.shape[0] == 1:
-        return t.expand(batch, *t.shape[1:])
-    raise ValueError(f"{what} has batch {t.shape[0]} but the latent batch is {batch}; use one prompt or one per latent.")
+        return t.expand(batch, *t.shape[1:])  # the same rows, without copying the prompt `batch` times
+    return comfy.utils.repeat_to_batch_size(t, batch)
 
 
 def load_drm(path: str | os.PathLike, weight_dtype: torch.dtype | None = None, blocks: int | None = None,
@@ -322,8 +357,16 @@ def load_drm(path: str | os.PathLike, weight_dtype: torch.dtype | None = None, b
         # A LoRA'd clone that ran before may still hold the shared tensors; ComfyUI writes the unpatched
         # weights back when it loads the base itself.
         comfy.model_management.load_models_gpu([base_model])
-        ckpt = DRMCheckpoint("full", full_state_dict(adapter.model), adapter.model.blocks, ckpt.metadata)
         weight_dtype = weight_dtype or adapter.dtype
+        try:  # quantized layers (fp8, scaled fp8, GGUF) are dequantized as the MODEL computes with them
+            copied = full_state_dict(adapter.model, dtype=weight_dtype, device=base_model.load_device)
+        except UnreadableWeights as e:
+            raise DRMCheckpointError(
+                f"DRM file {name}: backbone = copy cannot read the connected MODEL's weights: {e}. DRM Loader "
+                "dequantizes fp8, scaled fp8, GGUF and ComfyUI's quantized linear layers, not this one. Set backbone "
+                "to shared (and sample with the MODEL from before any LoRA), or load the MODEL from an fp16, bf16 "
+                "or fp8 safetensors file.") from None
+        ckpt = DRMCheckpoint("full", copied, adapter.model.blocks, ckpt.metadata)
     load_device = comfy.model_management.get_torch_device()
     params = sum(t.numel() for t in ckpt.state_dict.values())
     dtype = weight_dtype or comfy.model_management.unet_dtype(

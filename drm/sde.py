@@ -1,4 +1,4 @@
-"""Flow-matching SDE step with a Gaussian log-probability (the Flow-GRPO form). Pure torch.
+"""Flow-matching SDE step with a Gaussian log-probability (the Flow-GRPO form), and its noise. Pure torch.
 
 Conventions (rectified flow, SD3 / ComfyUI CONST): x_s = (1 - s) x0 + s e with s in [0, 1] ("sigma").
 The model returns the denoised x0, so the velocity is v = (x - x0) / s.
@@ -16,29 +16,12 @@ so every a >= 0 keeps the marginals of the probability-flow ODE; a = 0 is exactl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 Sigma = float | Tensor
 """A noise level: a python float, a 0-dim tensor, or a [B] tensor (one sigma per batch row)."""
-
-
-@dataclass(frozen=True)
-class SDEStep:
-    """The result of one SDE step.
-
-    sample:   the next latent x', in the dtype of the input x.
-    mean:     the mean of the Gaussian transition, float32, shaped like x.
-    std:      the per-sample std of the transition (std * sqrt(-dt)), float32, shaped [B, 1, ..., 1].
-    log_prob: log density of `sample` under N(mean, std^2), averaged over non-batch dims, float32 [B].
-    """
-
-    sample: Tensor
-    mean: Tensor
-    std: Tensor
-    log_prob: Tensor
 
 
 def sde_mean_std(x: Tensor, denoised: Tensor, sigma: Sigma, sigma_next: Sigma,
@@ -108,31 +91,6 @@ def sde_log_ratio(sample: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor) -
     return torch.where(noisy, log_ratio, 0.0).reshape(sample.shape[0], -1).mean(dim=1)
 
 
-def sde_step(x: Tensor, denoised: Tensor, sigma: Sigma, sigma_next: Sigma, eta: float = 0.7,
-             noise: Tensor | None = None, generator: torch.Generator | None = None) -> SDEStep:
-    """One SDE step from `sigma` to `sigma_next` with its log-probability (see the module docstring).
-
-    x:          the current latent [B, ...] at noise level `sigma`.
-    denoised:   the model's x0 prediction for x, same shape.
-    sigma, sigma_next: python floats, 0-dim tensors or [B] tensors, with 0 <= sigma_next <= sigma <= 1.
-    eta:        noise level a >= 0; 0 gives the Euler step x + v * dt.
-    noise:      z, shaped like x; pass it to control the draw (e.g. K children of one parent with their
-                own z). If None, z is drawn with torch.randn on x's device using `generator`.
-
-    Everything is computed in float32; `sample` comes back in x.dtype. `log_prob` is evaluated at the
-    returned (rounded) sample, so recomputing it later from the stored sample gives the same value.
-    The last step (sigma_next == 0) is deterministic: sample = denoised, std = 0 and log_prob = 0.
-    """
-    mean, std = sde_mean_std(x, denoised, sigma, sigma_next, eta)
-    if noise is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    elif noise.shape != x.shape:
-        raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}; "
-                         "draw one z per element of x.")
-    sample = (mean + std * noise.float()).to(x.dtype)
-    return SDEStep(sample=sample, mean=mean, std=std, log_prob=sde_log_prob(sample, mean, std))
-
-
 def _sigma_columns(sigma: Sigma, sigma_next: Sigma, x: Tensor) -> tuple[Tensor, Tensor]:
     """Validate the two noise levels and shape them as float32 [B, 1, ..., 1] to broadcast over x."""
     column = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -163,3 +121,24 @@ def renoise(x: Tensor, sigma: float, target_sigma: float, noise: Tensor) -> Tens
         raise ValueError(f"renoise from sigma {sigma} to {target_sigma}: expected 0 <= sigma <= target < 1")
     a = (1.0 - target_sigma) / (1.0 - sigma)
     return a * x + math.sqrt(max(target_sigma ** 2 - (a * sigma) ** 2, 0.0)) * noise.to(x)
+
+
+def item_noise(generators: list[torch.Generator], origin: Tensor, k: int, shape: tuple[int, ...],
+               device: torch.device | str | None = None) -> Tensor:
+    """Standard normal noise [k, len(origin), *shape], float32, on `device` (None: the generators').
+
+    Row r belongs to batch item origin[r] (an index into `generators`). Each item's rows draw, in row
+    order, from that item's generator alone, as one torch.randn((k, rows, *shape)) on the generator's
+    device; an item with no rows draws nothing. So no item's noise depends on the others: an item gets
+    the same noise alone or in any batch, given the same generator. Step-wise search and the GRPO
+    rollouts draw all their noise here; how each seeds its generators is its own (drm.search, trainer).
+    """
+    device = generators[0].device if device is None else device
+    noise = torch.empty((k, len(origin), *shape), device=device, dtype=torch.float32)
+    origin = origin.to(device)
+    for item, generator in enumerate(generators):
+        rows = (origin == item).nonzero().flatten()
+        if len(rows):
+            noise[:, rows] = torch.randn((k, len(rows), *shape), generator=generator,
+                                         device=generator.device).to(device)
+    return noise

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from .sde import sde_mean_std
+from .sde import item_noise, sde_mean_std
 
 MODES = ("greedy", "beam", "resample")
 
@@ -87,13 +87,13 @@ def sample_drm_stepwise(model: Callable[..., Tensor], x: Tensor, sigmas: Tensor,
         mean, std = sde_mean_std(states, denoised, sigma, sigma_next, eta)
 
         if not (start <= i < end and sigma_next > 0):
-            states = _children(mean, std, 1, generators, origin)[0].to(x.dtype)
+            states = (mean + std * item_noise(generators, origin, 1, x.shape[1:])[0]).to(x.dtype)
             if on_step is not None:
                 on_step(i, torch.full((batch,), float("nan"), device=x.device), None)
             continue
 
         # All children of all states go to one reward call: row k * P + r is child k of state r.
-        children = _children(mean, std, branches, generators, origin).flatten(0, 1).to(x.dtype)
+        children = (mean + std * item_noise(generators, origin, branches, x.shape[1:])).flatten(0, 1).to(x.dtype)
         child_origin = origin.repeat(branches)
         interrupt()
         scores = reward_fn(children, sigma_next, child_origin)
@@ -155,21 +155,6 @@ def item_generators(x: Tensor, seed: int) -> list[torch.Generator]:
         digest = hashlib.sha256(str(seed).encode() + item.numpy().tobytes()).digest()
         generators.append(torch.Generator(device=x.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1))
     return generators
-
-
-def _children(mean: Tensor, std: Tensor, k: int, generators: list[torch.Generator], origin: Tensor) -> Tensor:
-    """k draws from N(mean, std^2) per row -> [k, *mean.shape], float32.
-
-    Row r descends from batch item origin[r]; each item's rows draw, in row order, from that item's
-    generator alone, so no item's noise depends on the others.
-    """
-    noise = torch.empty((k, *mean.shape), device=mean.device, dtype=torch.float32)
-    for item, generator in enumerate(generators):
-        rows = (origin == item).nonzero().flatten()
-        if len(rows):
-            draw = torch.randn((k, len(rows), *mean.shape[1:]), generator=generator, device=mean.device)
-            noise[:, rows] = draw
-    return mean + std * noise
 
 
 def _top_per_item(scores: Tensor, batch: int, width: int) -> tuple[Tensor, Tensor, Tensor]:

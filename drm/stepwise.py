@@ -13,6 +13,7 @@ import comfy.model_management
 import comfy.samplers
 import torch
 
+from .fit import INPUTS, Shapes, shape_differences
 from .runtime import LoadedDRM
 from .search import sample_drm_stepwise
 
@@ -54,23 +55,18 @@ def positive_conditioning(guider) -> tuple[torch.Tensor, torch.Tensor]:
 def check_fits(drm: LoadedDRM, model_patcher) -> None:
     """Refuse a DRM that cannot read this MODEL's latents and conditioning.
 
-    The model class is checked, not only the widths: other 16-channel models (Flux, HiDream) have
-    another latent scale and shift, and some match SD3's text widths, so they would score wrongly
-    without any error.
+    The model class is checked, not only the sizes (drm.fit's INPUTS: latent channels, text widths):
+    other 16-channel models (Flux, HiDream) have another latent scale and shift, and some match SD3's
+    text widths, so they would score wrongly without any error. The DRM's own width may differ.
     """
     model = model_patcher.model
     if not isinstance(model, comfy.model_base.SD3):
         raise ValueError(f"the MODEL is {type(model).__name__}, not SD3 / SD3.5; the DRM reads SD3 latents and text "
                          "conditioning. Use an SD3-family model with it.")
-    mmdit = model.diffusion_model
-    context_dim = mmdit.context_embedder.in_features
-    if context_dim != drm.model.context_dim:
-        raise ValueError(f"the MODEL's text context is {context_dim} wide but the DRM's is {drm.model.context_dim}; "
-                         "use a DRM trained for this model.")
-    pooled_dim = mmdit.y_embedder.mlp[0].in_features
-    if pooled_dim != drm.model.pooled_dim:
-        raise ValueError(f"the MODEL's pooled text embedding is {pooled_dim} wide but the DRM's is "
-                         f"{drm.model.pooled_dim}; use a DRM trained for this model.")
+    differences = shape_differences(Shapes.of_mmdit(model.diffusion_model), drm.model.shapes, ("the MODEL", "the DRM"),
+                                    only=INPUTS)
+    if differences:
+        raise ValueError(f"{differences[0]}; use a DRM trained for this model.")
 
 
 def schedule_sigmas(model_sampling, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:

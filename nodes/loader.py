@@ -1,5 +1,7 @@
 """DRM Loader and the cached-conditioning loader."""
 
+import os
+
 import folder_paths
 from comfy_api.latest import io
 
@@ -21,6 +23,18 @@ def listed_in(folder: str, name: str, what: str) -> bool | str:
             "the example workflows' files there.")
 
 
+def file_state(folder: str, name: str) -> str:
+    """The file's path, size and modification time, as the node's fingerprint (ComfyUI's IS_CHANGED): a file
+    replaced under the same name (a retrained DRM copied over the old one) changes it, so ComfyUI runs the
+    loader again instead of reusing its cached output. A file that is not there has none (validation names it)."""
+    path = folder_paths.get_full_path(folder, name)
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        stat = None
+    return "missing" if stat is None else f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 class DRMLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -40,7 +54,8 @@ class DRMLoader(io.ComfyNode):
                 io.Combo.Input("backbone", options=["shared", "copy"], default="shared", optional=True,
                                tooltip="Adapter DRMs only. shared: run on the MODEL's own weights (no extra memory). "
                                        "copy: keep a copy of the blocks the DRM runs, so it scores the same while a "
-                                       "LoRA'd clone of the MODEL samples (needed for step-wise sampling with a LoRA)."),
+                                       "LoRA'd clone of the MODEL samples (needed for step-wise sampling with a LoRA). "
+                                       "fp8, scaled-fp8 and GGUF MODELs are dequantized into the copy."),
             ],
             outputs=[DRMModel.Output(display_name="drm")],
         )
@@ -49,6 +64,10 @@ class DRMLoader(io.ComfyNode):
     def validate_inputs(cls, drm_name, weight_dtype=None, backbone=None) -> bool | str:
         listed = listed_in("drm", drm_name, "DRM file")
         return check_combos(cls, weight_dtype=weight_dtype, backbone=backbone) if listed is True else listed
+
+    @classmethod
+    def fingerprint_inputs(cls, drm_name, **inputs) -> str:
+        return file_state("drm", drm_name)
 
     @classmethod
     def execute(cls, drm_name, weight_dtype, model=None, backbone="shared") -> io.NodeOutput:
@@ -75,6 +94,10 @@ class DRMLoadConditioning(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, conditioning_name) -> bool | str:
         return listed_in("drm_conditioning", conditioning_name, "cached conditioning file")
+
+    @classmethod
+    def fingerprint_inputs(cls, conditioning_name, **inputs) -> str:
+        return file_state("drm_conditioning", conditioning_name)
 
     @classmethod
     def execute(cls, conditioning_name) -> io.NodeOutput:

@@ -42,11 +42,12 @@ def _run(argv: list[str] | None) -> int:
     demo = commands.add_parser("demo", parents=[uses_comfyui],
                                help="run the pipeline on the shapes world (world/), judged by its oracle")
     demo.add_argument("--out", help="output folder (default runs/demo, or runs/demo-tiny with --tiny; an earlier "
-                                    "demo there is replaced)")
+                                    "demo there is replaced, unless --install can reuse it)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--install", action="store_true",
                       help="copy the world model, VAE, DRM, LoRA and prompts into ComfyUI's models folder, for the "
-                           "example workflows")
+                           "example workflows; a demo that finished in --out with the same --seed is reused "
+                           "(copying only, seconds), otherwise the demo runs first")
     demo.add_argument("--tiny", action="store_true",
                       help="every stage on a tiny random-weight model instead, in under a minute (its pictures are noise)")
     add_arguments(commands.add_parser("drm", parents=[uses_comfyui], help="train a DRM from preference pairs"),

@@ -1,17 +1,29 @@
-"""Typed run configuration: a dataclass filled from a TOML file, then from command-line flags.
+"""Typed run configuration: a pydantic model filled from a TOML file, then from command-line flags.
 
-Every field becomes a flag (`lora_rank` -> `--lora-rank`); its `help` metadata is the flag's help.
-Unknown TOML keys and badly typed values are refused with the field named, before any model loads.
+Every field becomes a flag (`lora_rank` -> `--lora-rank`); its description is the flag's help. pydantic
+types and range-checks each value; its errors become ConfigError messages that start with the field's
+name, before any model loads.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
-import types
+import copy
 import typing
 from pathlib import Path, PurePath
+from typing import Annotated
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticKnownError
 
 from drm.files import read_utf8_text
 
@@ -20,75 +32,130 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the field."""
 
 
-def field(default, help: str, **kwargs):
-    """A dataclass field with help text for --help and the docs."""
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+def field(default, help: str, expected: str | None = None, **constraints):
+    """A model field: its default, its --help text and pydantic constraints (gt, ge, lt, le).
+
+    expected: how a refused value's message words the rule ("grad_clip: expected >= 0 (0: off), got -1.0"),
+    where the constraint alone (">= 0") or the list of choices ("adapter, full or head") says too little.
+    """
+    return Field(default, description=help, json_schema_extra={"expected": expected} if expected else None,
+                 **constraints)
 
 
-def _field_types(cls) -> dict[str, type]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+class Settings(BaseModel):
+    """A trainer's settings. Making one types and range-checks each field on its own (ConfigError names the
+    first bad one) and reads no file; validate() checks the whole run before any model loads."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # unknown TOML keys; nan and inf
+
+    def __init__(self, /, **values) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise ConfigError(_message(type(self), e)) from None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_written(cls, value, info: ValidationInfo):
+        """TOML values are typed: true is not a number. A list may be given as "a,b" (flags are strings)."""
+        kind = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and kind in (int, float):
+            raise PydanticKnownError(f"{kind.__name__}_type")
+        if isinstance(value, str) and typing.get_origin(kind) is list:
+            return [v for v in value.split(",") if v]
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _fits_64_bits(cls, value, info: ValidationInfo):
+        """Seeds and counts go to torch as int64."""
+        if type(value) is int and abs(value) >= 2 ** 63:
+            raise ConfigError(f"{info.field_name}: {value!r} is too large (at most 2**63 - 1)")
+        return value
+
+    def validate(self) -> None:
+        """Check every field again, for values assigned since the config was made; ConfigError names the field.
+        The trainers' configs extend this with their rules between fields and their files."""
+        type(self)(**self.model_dump())
 
 
-def _convert(name: str, kind, value):
-    """Coerce a TOML or CLI value to the field's type, or raise ConfigError naming the field."""
-    origin = typing.get_origin(kind)
-    if origin in (list, tuple):
-        (item,) = typing.get_args(kind)[:1]
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return [_convert(name, item, v) for v in value]
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(kind) if a is not type(None)]
-        return _convert(name, options[0], value)
-    expected = getattr(kind, "__name__", kind)
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        # TOML gives typed values: true is not a number, and a table or an array is not a path
-        if isinstance(value, bool) or isinstance(value, dict | list) or (kind is str and not isinstance(value, str)):
-            raise ValueError
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        converted = kind(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{name}: expected {expected}, got {value!r}") from None
-    if kind is float and not math.isfinite(converted):
-        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-    if kind is int and abs(converted) >= 2 ** 63:
-        raise ConfigError(f"{name}: {value!r} is too large (at most 2**63 - 1)")
-    return converted
+def _resolution(value: int) -> int:
+    from .reward.images import check_resolution  # (it imports torch, which --help does not need)
+
+    check_resolution(value)
+    return value
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+Resolution = Annotated[int, AfterValidator(_resolution)]
+"""Image size in pixels: a positive multiple of 16 (reward.images.check_resolution says why)."""
+
+_LIMITS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+           "less_than_equal": ("le", "<=")}
+# pydantic's error type (its first word) -> what the value should have been; a choice that is no string is no str
+_TYPES = {"int": "int", "float": "float", "bool": "bool", "string": "str", "literal": "str", "list": "a list"}
+
+
+def _message(cls: type[Settings], error: ValidationError) -> str:
+    """The first of pydantic's errors as this trainer words it: "<field>: expected <rule>, got <value>"."""
+    problems = error.errors()
+    unknown = sorted(p["loc"][0] for p in problems if p["type"] == "extra_forbidden")
+    if unknown:
+        return f"config: unknown field(s) {unknown}; known fields: {sorted(cls.model_fields)}"
+    problem = problems[0]
+    if problem["type"] == "value_error":  # a validator's own message (ConfigError, check_resolution), naming the field
+        return str(problem["ctx"]["error"])
+    name, kind, value = problem["loc"][0], problem["type"], problem["input"]
+    info = cls.model_fields[name]
+    expected = (info.json_schema_extra or {}).get("expected")
+    if kind in _LIMITS:
+        key, sign = _LIMITS[kind]
+        rule = expected or f"{sign} {problem['ctx'][key]:g}"
+        typed = TypeAdapter(info.annotation).validate_python(value)  # -1 from TOML is -1.0 for a float field
+        return f"{name}: expected {rule}, got {typed!r}"
+    if kind == "literal_error" and isinstance(value, str):
+        *others, last = typing.get_args(info.annotation)
+        rule = expected or ", ".join(others) + " or " + last
+        return f"{name}: expected {rule}, got {value!r}"
+    if kind == "finite_number":
+        return f"{name}: expected a finite number, got {value!r}"
+    wanted = _TYPES.get(kind.split("_")[0])
+    return f"{name}: expected {wanted}, got {value!r}" if wanted else f"{name}: {problem['msg']}, got {value!r}"
+
+
+def check_files(config: Settings, required: dict[str, str], optional: tuple[str, ...] = ()) -> None:
+    """Each named path field (a path, or a list of paths) must name an existing file; `required` ones must be set.
+
+    required: {field: what it is, for the "required" message, or ""}. Raises ConfigError for the first
+    field, in the order given, that is empty (and required), a folder or missing.
+    """
+    for name, what in required.items():
+        if not getattr(config, name):
+            raise ConfigError(f"{name}: required" + (f" ({what})" if what else ""))
+    for name in (*required, *optional):
+        value = getattr(config, name)
+        for path in value if isinstance(value, list) else [value]:
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{name}: {path} is a folder; expected a file" if Path(path).is_dir()
+                                  else f"{name}: file {path} does not exist")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
     """--config FILE plus one flag per field; unset flags stay None so the TOML value wins."""
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with any of the fields below")
-    kinds = _field_types(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "")
+    for name, info in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = info.description
         if "(default:" not in help_text:  # a help that explains its empty default says it already
-            help_text += f" (default: {default!r})"
-        if kinds[f.name] is bool:  # `--resume` alone means true; `--resume false` is accepted too
-            parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL",
+            help_text += f" (default: {info.get_default(call_default_factory=True)!r})"
+        if info.annotation is bool:  # `--resume` alone means true; `--resume false` is accepted too
+            parser.add_argument(flag, dest=name, default=None, nargs="?", const="true", metavar="BOOL",
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
 
-def load_config(cls, args: argparse.Namespace):
-    """The dataclass from args.config (TOML) overridden by the flags given on the command line."""
+def load_config(cls: type[Settings], args: argparse.Namespace) -> Settings:
+    """The config from args.config (TOML) overridden by the flags given on the command line, validated."""
     values: dict = {}
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -103,27 +170,16 @@ def load_config(cls, args: argparse.Namespace):
             values = tomllib.loads(read_utf8_text(path, "config: file", ConfigError))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {path} is not valid TOML ({e})") from None
-    types_ = _field_types(cls)
-    unknown = sorted(set(values) - set(types_))
-    if unknown:
-        raise ConfigError(f"config: unknown field(s) {unknown}; known fields: {sorted(types_)}")
-    for name in types_:
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    config = cls(**{name: _convert(name, types_[name], v) for name, v in values.items()})
+    values.update({name: getattr(args, name) for name in cls.model_fields if getattr(args, name, None) is not None})
+    config = cls(**values)
     config.validate()
     return config
 
 
-def check_ranges(config, rules: dict[str, tuple]) -> None:
-    """Raise ConfigError for the first field outside its range. rules: {field: (test, what it must be)}."""
-    for name, (ok, expected) in rules.items():
-        if not ok(getattr(config, name)):
-            raise ConfigError(f"{name}: expected {expected}, got {getattr(config, name)!r}")
-
-
 def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """The settings as plain data, {field: value} in field order (lists copied). config: a Settings model,
+    or any dataclass (the tests stand in for a config with one)."""
+    return copy.deepcopy(vars(config))
 
 
 def shareable_dict(config) -> dict:

@@ -34,17 +34,46 @@ def demo(comfyui, tmp_path_factory):
     return out / "demo", summary
 
 
+@pytest.fixture(scope="module")
+def files(comfyui, tmp_path_factory) -> Path:
+    """The trainer tests' own inputs, independent of the tiny demo's tuning: the tiny generator, a random
+    adapter DRM on its first block, a tiny VAE and a bank of 4 prompts of 8 tokens (no text encoders)."""
+    from drm.files import atomic_save
+    from trainer.demo.synthetic import tiny_vae_state_dict
+    from trainer.demo.tiny import tiny_adapter_drm_state_dict, tiny_conditioning, tiny_generator_state_dict
+    from trainer.prompts import PromptBank
+
+    root = tmp_path_factory.mktemp("grpo-files")
+    generator = tiny_generator_state_dict()
+    atomic_save(generator, root / "tiny-sd35.safetensors", {})
+    atomic_save(tiny_adapter_drm_state_dict(generator, blocks=1), root / "drm-tiny-sd35.safetensors",
+                {"drm.format": "adapter", "drm.blocks": "1"})
+    atomic_save(tiny_vae_state_dict(), root / "tiny-vae.safetensors", {})
+    conds = [tiny_conditioning(seed=i, tokens=8) for i in range(4)]
+    PromptBank([f"tiny prompt {i}" for i in range(4)], torch.cat([c[0][0] for c in conds]),
+               torch.cat([c[0][1]["pooled_output"] for c in conds]), torch.zeros(1, 8, 4096),
+               torch.zeros(1, 2048)).save(root / "prompts.safetensors")
+    return root
+
+
 def run(argv) -> int:
     from trainer.__main__ import main
 
     return main(argv)
 
 
-def grpo_cli(demo_dir: Path, out: Path, *extra) -> list[str]:
-    drm = next((demo_dir / "drm").glob("drm-*.safetensors"))
-    return ["grpo", "--base", str(demo_dir / "models" / "tiny-sd35.safetensors"), "--drm", str(drm),
-            "--prompts", str(demo_dir / "data" / "prompts.safetensors"), "--out", str(out), "--resolution", "64",
+def grpo_cli(files: Path, out: Path, *extra) -> list[str]:
+    return ["grpo", "--base", str(files / "tiny-sd35.safetensors"), "--drm", str(files / "drm-tiny-sd35.safetensors"),
+            "--prompts", str(files / "prompts.safetensors"), "--out", str(out), "--resolution", "64",
             "--steps", "4", "--batch-size", "2", "--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "8", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(files, tmp_path_factory) -> Path:
+    """A 2-iteration Step-GRPO run on `files`: its LoRA has rank 4 and alpha 8 (scale 2)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert run(grpo_cli(files, out, "--iterations", "2", "--eval-every", "100")) == 0
+    return out
 
 
 def test_demo_eval_reward_rises_and_files_are_written(demo):
@@ -58,21 +87,24 @@ def test_demo_eval_reward_rises_and_files_are_written(demo):
     assert (root / "grpo" / "eval" / "step0030.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_lora_file_has_comfy_keys_alpha_and_training_facts(demo):
+def test_lora_file_has_comfy_keys_alpha_and_training_facts(trained):
     from drm.checkpoint import read_safetensors
 
-    tensors, meta = read_safetensors(demo[0] / "grpo" / "tiny-sd35-step-grpo.safetensors")
+    tensors, meta = read_safetensors(trained / "tiny-sd35-step-grpo.safetensors")
     modules = {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in tensors}
     for module in modules:
         assert {f"{module}.lora_up.weight", f"{module}.lora_down.weight", f"{module}.alpha"} <= set(tensors)
-        assert float(tensors[f"{module}.alpha"]) == 8.0 and tensors[f"{module}.lora_down.weight"].shape[0] == 8
+        assert float(tensors[f"{module}.alpha"]) == 8.0 and tensors[f"{module}.lora_down.weight"].shape[0] == 4
     assert all(k.startswith("diffusion_model.joint_blocks.") for k in tensors)
-    assert {meta["drm.algorithm"], meta["drm.base_model"], meta["drm.steps"], meta["drm.lora_rank"]} == {
-        "step-grpo", "tiny-sd35", "30", "8"}
-    assert meta["drm.reward_model"].startswith("drm-tiny-sd35")
+    assert meta["drm.algorithm"] == "step-grpo"
+    assert meta["drm.base_model"] == "tiny-sd35"
+    assert meta["drm.steps"] == "2"
+    assert meta["drm.lora_rank"] == "4"
+    assert meta["drm.lora_alpha"] == "8.0"
+    assert meta["drm.reward_model"] == "drm-tiny-sd35.safetensors"
 
 
-def test_stock_lora_loader_loads_every_key_at_the_trained_strength(demo, tmp_path, caplog):
+def test_stock_lora_loader_loads_every_key_at_the_trained_strength(files, trained, caplog):
     """LoraLoaderModelOnly: no 'lora key not loaded', output moves with strength, and strength 1 is the policy.
 
     The LoRA is trained with alpha != rank (scale 2), so a file that loses alpha shows up as a mismatch.
@@ -85,10 +117,9 @@ def test_stock_lora_loader_loads_every_key_at_the_trained_strength(demo, tmp_pat
     from drm.lora import LoRA
     from trainer.grpo.policy import Policy
 
-    assert run(grpo_cli(demo[0], tmp_path / "run", "--iterations", "2", "--eval-every", "100")) == 0
-    lora_file = tmp_path / "run" / "tiny-sd35-step-grpo.safetensors"
+    lora_file = trained / "tiny-sd35-step-grpo.safetensors"
     folder_paths.add_model_folder_path("loras", str(lora_file.parent), is_default=True)
-    model = comfy.sd.load_diffusion_model(str(demo[0] / "models" / "tiny-sd35.safetensors"))
+    model = comfy.sd.load_diffusion_model(str(files / "tiny-sd35.safetensors"))
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.7, 0.7])
     context, pooled = torch.randn(2, 8, 4096), torch.randn(2, 2048)
@@ -109,7 +140,7 @@ def test_stock_lora_loader_loads_every_key_at_the_trained_strength(demo, tmp_pat
     assert (outputs[1.0] - outputs[0.5]).abs().max() > 1e-6
 
     # The trainer's own forward (LoRA through hooks, scale alpha / rank = 2) gives what ComfyUI computes.
-    base = comfy.sd.load_diffusion_model(str(demo[0] / "models" / "tiny-sd35.safetensors"))
+    base = comfy.sd.load_diffusion_model(str(files / "tiny-sd35.safetensors"))
     policy = Policy(base, rank=4, alpha=8.0, include_mlp=False, device="cpu", seed=0)
     trained = LoRA.from_state_dict_comfy(read_safetensors(lora_file)[0])
     assert sorted(trained.paths) == sorted(policy.lora.paths)
@@ -121,11 +152,11 @@ def test_stock_lora_loader_loads_every_key_at_the_trained_strength(demo, tmp_pat
         assert torch.allclose(policy.predict(x, sigma, context, pooled), outputs[1.0], atol=1e-4, rtol=0)
 
 
-def test_cost_accounting_and_on_policy_ratio(demo, tmp_path):
+def test_cost_accounting_and_on_policy_ratio(files, tmp_path):
     """One forward per (prompt, step) serves all K siblings; the ratio is exactly 1 on-policy."""
     steps, batch, k, g = 4, 2, 3, 3
-    assert run(grpo_cli(demo[0], tmp_path / "s", "--iterations", "2", "--branches", str(k))) == 0
-    assert run(grpo_cli(demo[0], tmp_path / "g", "--iterations", "2", "--algorithm", "grpo", "--group", str(g))) == 0
+    assert run(grpo_cli(files, tmp_path / "s", "--iterations", "2", "--branches", str(k))) == 0
+    assert run(grpo_cli(files, tmp_path / "g", "--iterations", "2", "--algorithm", "grpo", "--group", str(g))) == 0
     step_row, grpo_row = metrics(tmp_path / "s")[-1], metrics(tmp_path / "g")[-1]
     trained = steps - 1
     assert float(step_row["model_rows"]) == batch * steps * 2 + batch * trained  # rollout (CFG) + training
@@ -135,13 +166,13 @@ def test_cost_accounting_and_on_policy_ratio(demo, tmp_path):
     assert float(step_row["ratio"]) == 1.0 and float(grpo_row["ratio"]) == 1.0
 
 
-def test_resume_continues_exactly(demo, tmp_path):
+def test_resume_continues_exactly(files, tmp_path):
     from safetensors.torch import load_file
 
     common = ("--eval-every", "100", "--save-every", "2", "--warmup-steps", "3")  # the schedule resumes too
-    assert run(grpo_cli(demo[0], tmp_path / "whole", "--iterations", "4", *common)) == 0
-    assert run(grpo_cli(demo[0], tmp_path / "split", "--iterations", "2", *common)) == 0
-    assert run(grpo_cli(demo[0], tmp_path / "split", "--iterations", "4", "--resume", *common)) == 0
+    assert run(grpo_cli(files, tmp_path / "whole", "--iterations", "4", *common)) == 0
+    assert run(grpo_cli(files, tmp_path / "split", "--iterations", "2", *common)) == 0
+    assert run(grpo_cli(files, tmp_path / "split", "--iterations", "4", "--resume", *common)) == 0
     keys = ("iteration", "reward", "loss")
     assert [[r[k] for k in keys] for r in metrics(tmp_path / "split")] == \
         [[r[k] for k in keys] for r in metrics(tmp_path / "whole")]
@@ -150,13 +181,13 @@ def test_resume_continues_exactly(demo, tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_two_processes_match_one(demo, tmp_path):
+def test_two_processes_match_one(files, tmp_path):
     from safetensors.torch import load_file
 
     common = ("--iterations", "3", "--eval-every", "3")
-    assert run(grpo_cli(demo[0], tmp_path / "one", *common)) == 0
+    assert run(grpo_cli(files, tmp_path / "one", *common)) == 0
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer",
-                             *grpo_cli(demo[0], tmp_path / "two", *common)], cwd=REPO,
+                             *grpo_cli(files, tmp_path / "two", *common)], cwd=REPO,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -168,9 +199,9 @@ def test_two_processes_match_one(demo, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
 
 
-def test_sigint_saves_a_resumable_checkpoint(demo, tmp_path):
+def test_sigint_saves_a_resumable_checkpoint(files, tmp_path):
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *grpo_cli(demo[0], out, "--iterations", "100000",
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *grpo_cli(files, out, "--iterations", "100000",
                                                                          "--eval-every", "100000")],
                             cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -183,14 +214,14 @@ def test_sigint_saves_a_resumable_checkpoint(demo, tmp_path):
     assert proc.returncode == 130 and "Interrupted at iteration" in output, output[-2000:]
     done = int(output.split("Interrupted at iteration ")[1].split(";")[0])
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["iteration"] == done
-    assert run(grpo_cli(demo[0], out, "--iterations", str(done + 1), "--eval-every", "100000", "--resume")) == 0
+    assert run(grpo_cli(files, out, "--iterations", str(done + 1), "--eval-every", "100000", "--resume")) == 0
     assert metrics(out)[-1]["iteration"] == str(done + 1)
 
 
-def test_peft_export_names_diffusers_modules(demo, tmp_path):
+def test_peft_export_names_diffusers_modules(files, tmp_path):
     from drm.checkpoint import read_safetensors
 
-    assert run(grpo_cli(demo[0], tmp_path / "p", "--iterations", "1", "--peft-export")) == 0
+    assert run(grpo_cli(files, tmp_path / "p", "--iterations", "1", "--peft-export")) == 0
     tensors, _ = read_safetensors(tmp_path / "p" / "tiny-sd35-step-grpo.peft.safetensors")
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in tensors
     assert tensors["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"].shape == (128, 4)
@@ -200,13 +231,13 @@ def test_peft_export_names_diffusers_modules(demo, tmp_path):
     torch.testing.assert_close(tensors["transformer.transformer_blocks.0.attn.to_v.lora_B.weight"], up[256:] * 8.0 / 4)
 
 
-def test_drm_for_another_model_is_refused_before_loading(demo, tmp_path, capsys):
+def test_drm_for_another_model_is_refused_before_loading(files, tmp_path, capsys):
     from safetensors.torch import save_file
 
     drm = {"x_embedder.proj.weight": torch.zeros(128, 16, 2, 2), "context_embedder.weight": torch.zeros(128, 2048),
            "reward_output.mlp.0.weight": torch.zeros(512, 512)}
     save_file(drm, str(tmp_path / "other.safetensors"))
-    argv = grpo_cli(demo[0], tmp_path / "o", "--iterations", "1")
+    argv = grpo_cli(files, tmp_path / "o", "--iterations", "1")
     argv[argv.index("--drm") + 1] = str(tmp_path / "other.safetensors")
     assert run(argv) == 2
     assert "drm: other.safetensors does not fit the base model (text context" in capsys.readouterr().err
@@ -217,19 +248,19 @@ def test_drm_for_another_model_is_refused_before_loading(demo, tmp_path, capsys)
     (("--branches", "1"), "branches: step-grpo normalises rewards within K siblings, so K >= 2"),
     (("--algorithm", "grpo", "--group", "1"), "group: grpo normalises rewards within G trajectories"),
 ])
-def test_bad_group_sizes_are_refused(demo, tmp_path, capsys, flags, message):
-    assert run(grpo_cli(demo[0], tmp_path / "o", *flags)) == 2
+def test_bad_group_sizes_are_refused(files, tmp_path, capsys, flags, message):
+    assert run(grpo_cli(files, tmp_path / "o", *flags)) == 2
     assert message in capsys.readouterr().err
 
 
-def test_a_diverging_run_stops_with_the_fix_instead_of_training_on_nan(demo, tmp_path, capsys):
+def test_a_diverging_run_stops_with_the_fix_instead_of_training_on_nan(files, tmp_path, capsys):
     """A learning rate that blows the LoRA up: the next rewards are NaN, and the run says so and stops."""
-    assert run(grpo_cli(demo[0], tmp_path / "o", "--iterations", "4", "--lr", "1e12", "--eval-every", "100")) == 2
+    assert run(grpo_cli(files, tmp_path / "o", "--iterations", "4", "--lr", "1e12", "--eval-every", "100")) == 2
     err = capsys.readouterr().err
     assert "NaN or infinite" in err and "Traceback" not in err, err
 
 
-def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(demo, tmp_path):
+def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(files, tmp_path):
     """Metrics rows, eval grids and LoRA snapshots after a kill and --resume are those of a run never killed."""
     import random
 
@@ -238,8 +269,8 @@ def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(demo, tmp_path):
     kill_at = random.Random().randint(5, 8)  # rows: iteration 0, then one per iteration; checkpoints every 3
     common = ("--iterations", "9", "--save-every", "3", "--eval-every", "2")
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert run(grpo_cli(demo[0], whole, *common)) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *grpo_cli(demo[0], killed, *common)], cwd=REPO,
+    assert run(grpo_cli(files, whole, *common)) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *grpo_cli(files, killed, *common)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
@@ -249,7 +280,7 @@ def test_a_sigkill_then_resume_agrees_with_an_uninterrupted_run(demo, tmp_path):
     assert proc.poll() is None, "the run ended before the kill"
     proc.kill()
     proc.wait()
-    assert run(grpo_cli(demo[0], killed, *common, "--resume")) == 0
+    assert run(grpo_cli(files, killed, *common, "--resume")) == 0
 
     def without_time(rows):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -269,9 +300,9 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs, not even `finally` cleanup that writes files."""
 
 
-def test_a_kill_between_the_snapshot_and_the_checkpoint_loses_no_snapshot(demo, tmp_path, monkeypatch):
+def test_a_kill_between_the_snapshot_and_the_checkpoint_loses_no_snapshot(files, tmp_path, monkeypatch):
     """The random SIGKILL above can land between the two writes of a save; here it lands there every time."""
-    import trainer.grpo.train as grpo_train
+    import trainer.grpo.export as grpo_export
 
     writes = []
 
@@ -286,11 +317,11 @@ def test_a_kill_between_the_snapshot_and_the_checkpoint_loses_no_snapshot(demo, 
 
     common = ("--iterations", "6", "--save-every", "2", "--eval-every", "100")
     with monkeypatch.context() as patch:
-        patch.setattr(grpo_train, "export_lora", recorded(grpo_train.export_lora))
-        patch.setattr(grpo_train, "save_state", recorded(grpo_train.save_state))
+        patch.setattr(grpo_export, "export_lora", recorded(grpo_export.export_lora))
+        patch.setattr(grpo_export, "save_state", recorded(grpo_export.save_state))
         with pytest.raises(Killed):
-            run(grpo_cli(demo[0], tmp_path / "killed", *common))
-    assert run(grpo_cli(demo[0], tmp_path / "killed", *common, "--resume")) == 0
+            run(grpo_cli(files, tmp_path / "killed", *common))
+    assert run(grpo_cli(files, tmp_path / "killed", *common, "--resume")) == 0
     assert sorted(p.name for p in (tmp_path / "killed" / "loras").iterdir()) == [
         f"tiny-sd35-{i:05d}.safetensors" for i in (2, 4, 6)]
 
@@ -326,18 +357,18 @@ def test_the_default_rollout_schedule_is_flow_grpos(comfyui):
     assert abs(float(simple[-2]) - 0.25) < 1e-6  # the old default: its last, deterministic jump never trained
 
 
-def test_an_imported_dina_drm_gives_the_rewards(demo, tmp_path, capsys):
-    """`trainer grpo --drm` with a DiNa-LRM file made by import-dina for the demo's base (depth 2: one block)."""
+def test_an_imported_dina_drm_gives_the_rewards(files, tmp_path, capsys):
+    """`trainer grpo --drm` with a DiNa-LRM file made by import-dina for the tiny base (depth 2: one block)."""
     from drm.checkpoint import read_safetensors
     from drm.dina import import_dina
     from trainer.demo.synthetic import tiny_dina_snapshot
     from trainer.prompts import PromptBank
 
-    base = read_safetensors(demo[0] / "models" / "tiny-sd35.safetensors")[0]
+    base = read_safetensors(files / "tiny-sd35.safetensors")[0]
     import_dina(tiny_dina_snapshot(tmp_path / "snap", base), tmp_path / "dina.safetensors")
-    argv = grpo_cli(demo[0], tmp_path / "short", "--iterations", "2")
+    argv = grpo_cli(files, tmp_path / "short", "--iterations", "2")
     argv[argv.index("--drm") + 1] = str(tmp_path / "dina.safetensors")
-    # the demo's prompts are 8 tokens long; DiNa-LRM trained on T5 padded to 128 (205 tokens with CLIP's)
+    # the bank's prompts are 8 tokens long; DiNa-LRM trained on T5 padded to 128 (205 tokens with CLIP's)
     assert run(argv) == 2
     assert "trained on prompts whose T5 part was padded to 128 tokens" in capsys.readouterr().err
     gen = torch.Generator().manual_seed(0)
@@ -350,12 +381,12 @@ def test_an_imported_dina_drm_gives_the_rewards(demo, tmp_path, capsys):
     assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards), rewards
 
 
-def test_eval_grids_decode_with_a_vae(demo, tmp_path):
+def test_eval_grids_decode_with_a_vae(files, tmp_path):
     """With --vae the eval grids are VAE-decoded (ComfyUI's VAE keeps requires_grad on its weights, which
     made the decode build a graph and the grid's numpy() fail)."""
     from PIL import Image
 
-    argv = grpo_cli(demo[0], tmp_path / "run", "--iterations", "1", "--vae", str(demo[0] / "models" / "tiny-vae.safetensors"))
+    argv = grpo_cli(files, tmp_path / "run", "--iterations", "1", "--vae", str(files / "tiny-vae.safetensors"))
     assert run(argv) == 0
     grid = Image.open(tmp_path / "run" / "eval" / "step0001.png")
     assert grid.size == (4 * 64, 2 * 64)  # 4 eval prompts x 2 seeds, 64 px each
@@ -369,15 +400,15 @@ def test_eval_grids_decode_with_a_vae(demo, tmp_path):
     (lambda t, m: m.update(prompts='["only one"]'), "not a list of 4 texts"),
     (lambda t, m: m.update(prompts="not json"), "metadata `prompts` is not JSON"),
 ])
-def test_a_pre_encoded_prompt_bank_that_does_not_fit_is_refused_before_any_output(demo, tmp_path, capsys, change,
+def test_a_pre_encoded_prompt_bank_that_does_not_fit_is_refused_before_any_output(files, tmp_path, capsys, change,
                                                                                   message):
     from drm.checkpoint import read_safetensors
     from drm.files import atomic_save
 
-    tensors, metadata = read_safetensors(demo[0] / "data" / "prompts.safetensors")
+    tensors, metadata = read_safetensors(files / "prompts.safetensors")
     change(tensors, metadata)
     atomic_save(tensors, tmp_path / "bank.safetensors", metadata)
-    argv = grpo_cli(demo[0], tmp_path / "o", "--iterations", "1")
+    argv = grpo_cli(files, tmp_path / "o", "--iterations", "1")
     argv[argv.index("--prompts") + 1] = str(tmp_path / "bank.safetensors")
     assert run(argv) == 2
     err = capsys.readouterr().err

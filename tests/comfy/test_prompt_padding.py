@@ -65,9 +65,9 @@ def test_grpo_rewards_and_policy_predictions_are_as_alone(bank, tiny_generator):
 
     from drm.runtime import LoadedDRM
     from trainer.demo.tiny import tiny_generator_state_dict
+    from trainer.grpo.evaluate import drm_reward
     from trainer.grpo.policy import Policy
     from trainer.grpo.rollout import Conditioning
-    from trainer.grpo.train import drm_reward
 
     negative = (torch.zeros(1, 5, 4096), torch.zeros(1, 2048))
     cond = Conditioning(bank["context"], bank["pooled"], *negative, context_length=bank["lengths"])

@@ -1,5 +1,7 @@
 """ComfyUI's own frontend (the version the tree pins: 1.27 for 0.3.64, 1.45 for 0.26) opens every example
-workflow with no missing-node notice. Needs playwright and a Chromium; skipped, with the reason, without."""
+workflow with no missing-node notice. Needs playwright and a Chromium (the CHROMIUM variable, else `chromium` or
+`chromium-browser` on PATH); skipped, with the reason, without. .ci/run installs Debian's chromium when none is
+found, and fails when this check skips there."""
 
 from __future__ import annotations
 

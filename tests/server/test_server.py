@@ -237,3 +237,58 @@ def test_cancel_stops_the_search_promptly_and_the_next_prompt_runs(server, node_
 
     _, outputs = run_workflow(server, "drm_best_of_batch")  # the server is free and works
     assert outputs
+
+
+def reload_workflow(drm_name: str, conditioning_name: str) -> dict[str, dict]:
+    """DRM Loader and DRM Load Cached Conditioning feeding DRM Score Latent, whose summary is previewed."""
+    return {
+        "9": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny-sd35.safetensors", "weight_dtype": "default"}},
+        "1": {"class_type": "DRMLoader", "inputs": {"drm_name": drm_name, "weight_dtype": "fp32", "model": ["9", 0]}},
+        "2": {"class_type": "DRMLoadConditioning", "inputs": {"conditioning_name": conditioning_name}},
+        "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "DRMScoreLatent", "inputs": {
+            "drm": ["1", 0], "latent": ["3", 0], "positive": ["2", 0], "position": "sigma", "sigma": 0.5,
+            "steps": 20, "scheduler": "simple", "step": 20}},
+        "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}},
+    }
+
+
+def test_a_file_replaced_under_the_same_name_is_loaded_again(server):
+    """The same graph posted again after a retrained DRM (then a re-cached prompt) is copied over the old file
+    scores with the new file, as the same file under a fresh name does, not with the cached old one."""
+    from safetensors.torch import load_file
+
+    from drm.conditioning import save_conditioning
+    from drm.files import atomic_save
+    from trainer.demo.tiny import tiny_adapter_drm_state_dict, tiny_conditioning
+
+    models = server.root / "models"
+    generator = load_file(str(models / "diffusion_models" / "tiny-sd35.safetensors"))
+
+    def write_drm(name: str, seed: int):
+        atomic_save(tiny_adapter_drm_state_dict(generator, seed=seed), models / "drm" / name,
+                    {"drm.format": "adapter", "drm.blocks": "1"})
+
+    def write_prompt(name: str, seed: int):
+        cond = tiny_conditioning(seed=seed)
+        save_conditioning(models / "drm_conditioning" / name, cond[0][0], cond[0][1]["pooled_output"], prompt=name)
+
+    def score(drm_name: str, conditioning_name: str) -> float:
+        entry = server.wait_for(server.post_prompt(reload_workflow(drm_name, conditioning_name)), timeout=120)
+        assert entry["status"]["status_str"] == "success", server.describe_failure(entry)
+        return parse_summary(entry["outputs"]["5"]["text"][0])[0]
+
+    write_drm("reload-drm.safetensors", 11)
+    write_prompt("reload-prompt.safetensors", 3)
+    old = score("reload-drm.safetensors", "reload-prompt.safetensors")
+    assert score("reload-drm.safetensors", "reload-prompt.safetensors") == old  # unchanged files: same answer
+
+    write_drm("reload-drm.safetensors", 12)  # the retrained DRM, copied over the old file
+    write_drm("reload-drm-fresh.safetensors", 12)
+    new_drm = score("reload-drm.safetensors", "reload-prompt.safetensors")
+    assert new_drm == score("reload-drm-fresh.safetensors", "reload-prompt.safetensors") and new_drm != old
+
+    write_prompt("reload-prompt.safetensors", 4)  # the prompt cached again
+    write_prompt("reload-prompt-fresh.safetensors", 4)
+    new_prompt = score("reload-drm.safetensors", "reload-prompt.safetensors")
+    assert new_prompt == score("reload-drm.safetensors", "reload-prompt-fresh.safetensors") and new_prompt != new_drm

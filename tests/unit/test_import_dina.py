@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 
 import pytest
 import torch
@@ -96,8 +97,13 @@ BAD_SNAPSHOTS = {
         (k, torch.zeros(3)) for k in torch.load(s / "checkpoint" / "rm_head.pt", weights_only=True)),
         s / "checkpoint" / "rm_head.pt"), "does not fit"),
     "config not UTF-8": (lambda s: (s / "config.json").write_bytes('{"model": "\u4e2d"}'.encode("gbk")), "not UTF-8"),
-    "empty head file": (lambda s: (s / "checkpoint" / "rm_head.pt").write_bytes(b""), "not a readable torch file"),
-    "junk head file": (lambda s: (s / "checkpoint" / "rm_head.pt").write_bytes(b"junk bytes"), "not a readable torch file"),
+    "empty head file": (lambda s: (s / "checkpoint" / "rm_head.pt").write_bytes(b""), "not a PyTorch file (it is empty); download it again"),
+    "junk head file": (lambda s: (s / "checkpoint" / "rm_head.pt").write_bytes(b"junk bytes"),
+                       "not a PyTorch file (it starts with b'junk bytes'); download it again"),
+    "HTML page as the head": (lambda s: (s / "checkpoint" / "rm_head.pt").write_bytes(HTML), "an HTML page"),
+    "Git LFS pointer as the head": (lambda s: (s / "checkpoint" / "rm_head.pt").write_bytes(LFS_POINTER),
+                                    "a Git LFS pointer"),
+    "truncated head file": (lambda s: truncate(s / "checkpoint" / "rm_head.pt"), "not a readable torch file"),
     "NaN in the head": (lambda s: nan_head(s), "not finite float tensors"),
     "head width a string": (lambda s: edit_config(s, reward_head={"width": "abc"}), "reward_head.width = 'abc'"),
     "zero attention heads": (lambda s: edit_config(s, reward_head={"num_attn_heads": 0}), "num_attn_heads = 0"),
@@ -108,7 +114,51 @@ BAD_SNAPSHOTS = {
     "NaN in the LoRA": (lambda s: edit_lora(s, "attn.to_q.lora_A.weight", lambda t: t * float("nan")), "NaN or infinite"),
     "1-D LoRA weight": (lambda s: edit_lora(s, "attn.to_out.0.lora_B.weight", lambda t: t[:, 0]), "2-D matrix"),
     "LoRA of another width": (lambda s: edit_lora(s, "attn.to_k.lora_A.weight", lambda t: t[:, :32]), "not one SD3 model"),
+    # adapter_config.json against the tensors: every field that says something about them
+    "config r above the tensors' rank": (lambda s: edit_lora_config(s, r=2 * RANK),
+                                         f"has rank {RANK}, but adapter_config.json says r = {2 * RANK}"),
+    "config r below the tensors' rank": (lambda s: edit_lora_config(s, r=RANK // 2),
+                                         f"has rank {RANK}, but adapter_config.json says r = {RANK // 2}"),
+    "a LoRA on a layer not targeted": (lambda s: edit_lora_config(s, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                                       "transformer_blocks.0.attn.add_k_proj, which adapter_config.json does not target"),
+    "a LoRA on an excluded layer": (lambda s: edit_lora_config(s, exclude_modules=["transformer_blocks.1.attn.to_v"]),
+                                    "transformer_blocks.1.attn.to_v, which adapter_config.json does not target"),
+    "a regex that leaves a layer out": (lambda s: edit_lora_config(s, target_modules=r".*\.to_[qkv]"),
+                                        "transformer_blocks.0.attn.add_k_proj, which adapter_config.json does not target"),
+    "a block layers_to_transform leaves out": (lambda s: edit_lora_config(s, layers_to_transform=[0, 1]),
+                                               "LoRA on block 2, which adapter_config.json's layers_to_transform"),
+    "layers_to_transform past the blocks": (lambda s: edit_lora_config(s, layers_to_transform=[0, 5]),
+                                            f"but config.json keeps {BLOCKS} blocks"),
+    "a targeted layer without its LoRA": (lambda s: drop_lora(s, "transformer_blocks.1.attn.to_k."),
+                                          "has no LoRA on transformer_blocks.1.attn.to_k, which adapter_config.json targets"),
+    "a block without its LoRA": (lambda s: drop_lora(s, "transformer_blocks.2."),
+                                 "has no LoRA on transformer_blocks.2.attn.to_q"),
+    "a second attention half missing": (lambda s: drop_lora(s, "transformer_blocks.0.attn2.to_out.0."),
+                                        "has no LoRA on transformer_blocks.0.attn2.to_out.0"),
+    "target_modules not a regex": (lambda s: edit_lora_config(s, target_modules="(["),
+                                   "expected a list of module names or a regular expression"),
+    "the run's r differs": (lambda s: edit_config(s, lora_config={"r": 2 * RANK, "lora_alpha": ALPHA}),
+                            f"config.json's model.lora_config.r = {2 * RANK}: the two files are not from one training run"),
+    "the run's alpha differs": (lambda s: edit_config(s, lora_config={"r": RANK, "lora_alpha": 2 * ALPHA}),
+                                "model.lora_config.lora_alpha = 16.0"),
 }
+HTML = b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head><body>502 Bad Gateway</body></html>\n"
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 10433\n"
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def drop_lora(snapshot, module: str):
+    """Remove the LoRA tensors of every module whose peft name starts with `module` (after base_model.model.)."""
+    from safetensors.torch import save_file
+
+    path = snapshot / "checkpoint" / "backbone_lora" / "adapter_model.safetensors"
+    tensors = read_safetensors(path)[0]
+    kept = {k: v for k, v in tensors.items() if not k.startswith("base_model.model." + module)}
+    assert len(kept) < len(tensors)
+    save_file(kept, str(path))
 
 
 def nan_head(snapshot):
@@ -142,7 +192,7 @@ def test_bad_snapshots_are_refused_and_nothing_is_written(snapshot, tmp_path, ca
     out = tmp_path / "out" / "dina.safetensors"
     out.parent.mkdir()
     out.write_bytes(b"an earlier file")
-    with pytest.raises(SnapshotError, match=message):
+    with pytest.raises(SnapshotError, match=re.escape(message)):
         import_dina(snapshot, out)
     assert main(["import-dina", str(snapshot), "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
@@ -172,3 +222,47 @@ def test_the_same_snapshot_converts_to_the_same_file(snapshot, tmp_path):
     (a, meta_a), (b, meta_b) = (read_safetensors(import_dina(snapshot, tmp_path / n) and tmp_path / n) for n in "ab")
     assert meta_a == meta_b and list(a) == list(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_html_page_saved_as_the_head_is_named_so_with_the_fix(snapshot, tmp_path):
+    (snapshot / "checkpoint" / "rm_head.pt").write_bytes(HTML)
+    with pytest.raises(SnapshotError) as caught:
+        import_dina(snapshot, tmp_path / "dina.safetensors")
+    assert str(caught.value) == (f"{snapshot / 'checkpoint' / 'rm_head.pt'} is not a PyTorch file (it starts with "
+                                 f"{HTML[:24]!r}: an HTML page, such as a download site's error or sign-in page); "
+                                 "download it again.")
+    assert "unpickling" not in str(caught.value)
+
+
+@pytest.mark.parametrize("changes", [
+    {"target_modules": r".*\.(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)"},  # peft's regex form
+    {"target_modules": ["to_q", "attn.to_k", "attn2.to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                        "add_v_proj", "to_add_out", "unused_name"]},  # name endings; one that matches nothing adapts nothing
+    {"layers_to_transform": list(range(BLOCKS))},
+    {"exclude_modules": ["ff.net.0.proj"]},
+    {"target_modules": None},  # not stated: only the rank and the blocks are checked
+])
+def test_configs_that_agree_with_the_tensors_convert_to_the_same_file(snapshot, tmp_path, changes):
+    """Every form peft writes these fields in is read as peft reads it: the files agree, so nothing changes."""
+    import_dina(snapshot, tmp_path / "before.safetensors")
+    edit_lora_config(snapshot, **changes)
+    edit_config(snapshot, lora_config={"r": RANK, "lora_alpha": ALPHA, "init_lora_weights": "gaussian"})
+    import_dina(snapshot, tmp_path / "after.safetensors")
+    assert_same_drm(tmp_path / "before.safetensors", tmp_path / "after.safetensors")
+
+
+def assert_same_drm(first, second):
+    """Same tensors and metadata (not byte-equal: safetensors writes its metadata in hash-map order)."""
+    (a, meta_a), (b, meta_b) = read_safetensors(first), read_safetensors(second)
+    assert meta_a == meta_b and list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_legacy_torch_save_head_still_reads(snapshot, tmp_path):
+    """torch.save's pre-zip format starts with a pickle opcode, not the zip magic: it is a PyTorch file too."""
+    path = snapshot / "checkpoint" / "rm_head.pt"
+    import_dina(snapshot, tmp_path / "zip.safetensors")
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:1] == b"\x80"
+    import_dina(snapshot, tmp_path / "legacy.safetensors")
+    assert_same_drm(tmp_path / "zip.safetensors", tmp_path / "legacy.safetensors")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import dataclasses
 import json
 
 import pytest
@@ -20,7 +19,7 @@ from safetensors.torch import save_file
 from drm.checkpoint import DRMCheckpointError
 from drm.conditioning import load_conditioning, save_conditioning
 from trainer.__main__ import main
-from trainer.config import ConfigError, field, load_config
+from trainer.config import ConfigError, Settings, field, load_config
 from trainer.prompts import PromptBank, load_prompt_bank, read_prompt_texts
 from trainer.reward.encoded import EncodedPairs
 from trainer.reward.pairs import DatasetError, load_pairs
@@ -105,8 +104,7 @@ def test_pairs_file_with_a_bom_reads_like_one_without(tmp_path, suffix):
 # --- TOML configs ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class NameConfig:
+class NameConfig(Settings):
     name: str = field("", "a name")
 
     def validate(self) -> None:

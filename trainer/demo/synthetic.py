@@ -25,6 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from drm.checkpoint import count_blocks
+from drm.conditioning import CONTEXT_WIDTH, POOLED_WIDTH
 from drm.head import DiNaHead
 
 from ..reward.encoded import EncodedPairs
@@ -32,9 +33,18 @@ from ..reward.encoded import EncodedPairs
 PROMPTS = ("a red fox", "a blue lake", "a green forest", "an orange sunset")
 WARMTH_MARGIN = 0.1  # in [0, 1] pixel units: about 25 of 255 levels
 LATENT_MARGIN = 0.5
-# SD3's latent format: process_in(x) = (x - SHIFT) * SCALE
-SD3_SHIFT, SD3_SCALE = 0.0609, 1.5305
-CONTEXT_DIM, POOLED_DIM = 4096, 2048  # SD3 conditioning widths (as drm.tiny, which imports comfy)
+
+
+def sd3_latent_scale_shift() -> tuple[float, float]:
+    """(scale, shift) of SD3's latent format, process_in(x) = (x - shift) * scale: ComfyUI's
+    comfy.latent_formats.SD3. Without ComfyUI (the torch-only test tier) they are SD3's VAE config's
+    scaling_factor and shift_factor, the numbers ComfyUI holds."""
+    try:
+        from comfy.latent_formats import SD3
+    except ImportError:
+        return 1.5305, 0.0609
+    sd3 = SD3()
+    return sd3.scale_factor, sd3.shift_factor
 
 
 def warmth(image: torch.Tensor) -> float:
@@ -104,16 +114,17 @@ def synthetic_latent_pairs(n: int, size: int = 8, seed: int = 0, tokens: int = 8
     if n < 1 or size < 2:
         raise ValueError(f"need n >= 1 and size >= 2, got n={n}, size={size}.")
     gen = torch.Generator().manual_seed(seed)
-    preferred = torch.randn(n, 16, size, size, generator=gen) / SD3_SCALE + SD3_SHIFT
-    rejected = torch.randn(n, 16, size, size, generator=gen) / SD3_SCALE + SD3_SHIFT
+    scale, shift = sd3_latent_scale_shift()
+    preferred = torch.randn(n, 16, size, size, generator=gen) / scale + shift
+    rejected = torch.randn(n, 16, size, size, generator=gen) / scale + shift
     low = -1.0 + torch.rand(n, generator=gen)  # -1..0
     gap = LATENT_MARGIN + 0.5 * torch.rand(n, generator=gen)  # 0.5..1.0
     for latents, target in ((preferred, low + gap), (rejected, low)):
         top = latents[:, 0, : size // 2]
         top += (target - latent_rule_score(latents)).view(n, 1, 1)
     prompts = list(PROMPTS[: min(n, len(PROMPTS))])
-    context = torch.randn(len(prompts), tokens, CONTEXT_DIM, generator=gen)
-    pooled = torch.randn(len(prompts), POOLED_DIM, generator=gen)
+    context = torch.randn(len(prompts), tokens, CONTEXT_WIDTH, generator=gen)
+    pooled = torch.randn(len(prompts), POOLED_WIDTH, generator=gen)
     prompt_index = torch.arange(n) % len(prompts)
     return EncodedPairs(preferred, rejected, context, pooled, prompt_index, prompts)
 
@@ -141,11 +152,11 @@ def tiny_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
             param.zero_()
         elif param.ndim > 1:  # comfy's disable_weight_init layers leave weights uninitialised
             param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(math.prod(param.shape[1:])))
-    # the encoder's last conv: scale its output so latents have about SD3's spread (std ~ 1 / 1.5305)
+    # the encoder's last conv: scale its output so latents have about SD3's spread (std ~ 1 / scale_factor)
     model.taesd_encoder[-1].weight.mul_(4.0)
     state = dict(model.state_dict())
     # what ComfyUI's VAELoader sets for taesd3, SD3's latent scale and shift
-    state["vae_scale"], state["vae_shift"] = torch.tensor(SD3_SCALE), torch.tensor(SD3_SHIFT)
+    state["vae_scale"], state["vae_shift"] = (torch.tensor(v) for v in sd3_latent_scale_shift())
     return {k: v.contiguous() for k, v in state.items()}
 
 

@@ -13,12 +13,11 @@ import math
 import torch
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, get_2d_sincos_pos_embed
 
-from drm.checkpoint import HEAD_PREFIX, count_blocks
+from drm.checkpoint import HEAD_PREFIX, count_blocks, keep_blocks
+from drm.conditioning import CONTEXT_WIDTH, POOLED_WIDTH
 from drm.head import ConvGNHead
 from drm.lora import LoRA, target_paths
 
-CONTEXT_DIM = 4096
-POOLED_DIM = 2048
 POS_EMBED_MAX = 32  # latents up to 64x64 (512x512 pixels)
 
 
@@ -28,9 +27,9 @@ def tiny_generator_config(depth: int = 2, pos_embed_max: int = POS_EMBED_MAX) ->
     hidden = 64 * depth
     return dict(
         in_channels=16, out_channels=16, patch_size=2, depth=depth, input_size=None,
-        adm_in_channels=POOLED_DIM,
+        adm_in_channels=POOLED_WIDTH,
         context_embedder_config={"target": "torch.nn.Linear",
-                                 "params": {"in_features": CONTEXT_DIM, "out_features": hidden}},
+                                 "params": {"in_features": CONTEXT_WIDTH, "out_features": hidden}},
         num_patches=pos_embed_max ** 2, pos_embed_max_size=pos_embed_max, pos_embed_scaling_factor=None,
         # SD3.5-M adds x-block self-attention to its first 13 of 24 blocks
         qk_norm="rms", x_block_self_attn_layers=list(range(max(1, round(depth * 13 / 24)))),
@@ -66,8 +65,7 @@ def init_random_(model: MMDiT, seed: int = 0) -> MMDiT:
 @torch.no_grad()
 def tiny_drm_state_dict(generator_sd: dict[str, torch.Tensor], blocks: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
     """A `full`-layout DRM: the generator's first `blocks` joint blocks and final layer, plus a random head."""
-    sd = {k: v.clone() for k, v in generator_sd.items()
-          if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= blocks)}
+    sd = {k: v.clone() for k, v in keep_blocks(generator_sd, blocks).items()}
     torch.manual_seed(seed)
     head = ConvGNHead(in_channels=16)
     sd.update({HEAD_PREFIX + k: v.clone() for k, v in head.state_dict().items()})
@@ -106,6 +104,6 @@ def tiny_adapter_drm_state_dict(generator_sd: dict[str, torch.Tensor], blocks: i
 def tiny_conditioning(seed: int = 0, tokens: int = 8, batch: int = 1) -> list:
     """A ComfyUI CONDITIONING in SD3's shapes, standing in for encoded text (no text encoders needed)."""
     gen = torch.Generator().manual_seed(seed)
-    context = torch.randn(batch, tokens, CONTEXT_DIM, generator=gen)
-    pooled = torch.randn(batch, POOLED_DIM, generator=gen)
+    context = torch.randn(batch, tokens, CONTEXT_WIDTH, generator=gen)
+    pooled = torch.randn(batch, POOLED_WIDTH, generator=gen)
     return [[context, {"pooled_output": pooled}]]

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-WORLD_DIR = Path(__file__).resolve().parent.parent / "world"
+from drm.host import PACK_ROOT
+
+WORLD_DIR = PACK_ROOT / "world"
 GENERATOR, VAE, PROMPTS = "sd35-world.safetensors", "taesd3-world.safetensors", "prompts.safetensors"
 NEGATIVE_FILE = "world-empty.safetensors"  # the empty prompt's cached conditioning, the workflows' negative
 CFG_SPREAD = (1.5, 3.0, 4.5, 6.0)  # one sample in four at each; 1.5 often misses the prompt, 4.5 seldom

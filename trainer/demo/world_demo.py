@@ -12,13 +12,16 @@ prompt, and how well is it drawn (large, centred, clear of the edges, clean). Th
 4. fine-tunes the world model with Step-GRPO against that DRM (`trainer grpo`) into a LoRA, and has
    the oracle judge the LoRA through ComfyUI's own LoRA loader.
 
-Pictures and plots go to <out>/figures/. Nothing is downloaded. `python -m trainer demo --tiny` runs
-every stage on a random-weight model instead (trainer.tiny_demo), in seconds, with meaningless pictures.
+Pictures and plots go to <out>/figures/; FINISHED, written last, lists what the demo made, so that
+`--install` (install_into) copies a finished demo's files instead of running it again. Nothing is
+downloaded. `python -m trainer demo --tiny` runs every stage on a random-weight model instead
+(trainer.tiny_demo), in seconds, with meaningless pictures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import statistics
@@ -26,11 +29,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..figures import accuracy_png, grid_png
+
 MARKER = ".drm-demo"  # what marks a folder as a demo's, so the next demo may empty it
 MARKER_TEXT = "Written by `python -m trainer demo`: the next demo run into this folder replaces its files.\n"
+FINISHED = "finished.json"  # written last by a world demo: its settings and the digest of every file it made
 # Everything the demo and the tiny demo write at the top of their folder; anything else stops a rerun.
-DEMO_ENTRIES = {MARKER, ".lock", "demo.json", "figures", "pairs.safetensors", "drm", "grpo", "models", "data", "dina"}
-SHOWN = list(range(0, 60, 5))  # the 12 prompts the figures show: every shape, colour and background
+DEMO_ENTRIES = {MARKER, ".lock", FINISHED, "demo.json", "figures", "pairs.safetensors", "drm", "grpo", "models", "data",
+                "dina"}
 EULER_STEPS, CFG = 20, 4.0
 
 
@@ -38,8 +44,17 @@ def run_demo(out: str = "runs/demo", seed: int = 0, samples_per_prompt: int = 8,
              grpo_iterations: int = 50, install_into: Path | None = None) -> dict:
     """Run the four stages; returns the measured summary (also written to <out>/demo.json).
 
+    install_into: ComfyUI's models folder, or None. It is named before any work; a demo that finished in
+    `out` with the same settings (see unfinished) is not run again: its files are copied (install_finished).
     Raises ValueError when `out` cannot be the demo's folder, RunInterrupted when Ctrl-C stops a stage.
     """
+    if install_into is not None:
+        print(f"--install: the demo's files go into {install_into}, ComfyUI's models folder.")
+        settings = {"seed": seed, "samples_per_prompt": samples_per_prompt, "drm_steps": drm_steps,
+                    "grpo_iterations": grpo_iterations}
+        summary = install_finished(Path(out), settings, install_into)
+        if summary is not None:
+            return summary
     with demo_folder(Path(out)) as root:
         return world_demo(root, seed, samples_per_prompt, drm_steps, grpo_iterations, install_into)
 
@@ -106,7 +121,8 @@ def world_demo(root: Path, seed: int, samples_per_prompt: int, drm_steps: int, g
     grid_png(world.prompts.texts, {"base": before, "+ Step-GRPO LoRA": after}, figures / "grpo_before_after.png")
 
     table = {"euler": before, "step-wise K=4": stepwise, "euler + Step-GRPO LoRA": after}
-    print(f"\nAll {len(rows)} prompts, euler schedule at {EULER_STEPS} steps, CFG {CFG}, one seed:")
+    setup = hardware()
+    print(f"\nAll {len(rows)} prompts, euler schedule at {EULER_STEPS} steps, CFG {CFG}, one seed; {setup}:")
     print(f"{'sampler':<26}{'oracle score':>13}{'shows prompt':>14}{'DRM score':>11}{'seconds':>9}")
     for name, r in table.items():
         print(f"{name:<26}{r['oracle']:>13.3f}{r['match']:>14.0%}{r['drm']:>11.3f}{r['seconds']:>9.1f}")
@@ -114,19 +130,36 @@ def world_demo(root: Path, seed: int, samples_per_prompt: int, drm_steps: int, g
     print("DRM accuracy against the oracle on held-out prompts: "
           + ", ".join(f"sigma {k[10:].replace('_', '-')}: {v:.2f}" for k, v in accuracy.items() if k.startswith("acc_")))
 
-    summary = {"pairs": stats, "drm_eval": accuracy,
+    summary = {"setup": setup, "pairs": stats, "drm_eval": accuracy,
                "samplers": {k: {m: v for m, v in r.items() if m != "images"} for k, r in table.items()},
                "seconds": round(time.perf_counter() - start, 1)}
     (root / "demo.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(f"Figures in {figures}: euler_vs_stepwise.png, grpo_before_after.png, drm_accuracy_by_sigma.png; "
           f"the Step-GRPO reward curve is grpo/reward_curve.png")
+    settings = {"seed": seed, "samples_per_prompt": samples_per_prompt, "drm_steps": drm_steps,
+                "grpo_iterations": grpo_iterations}
+    finish(root, settings, drm_file, lora_file, [root / "demo.json", *sorted(figures.glob("*.png"))])
     if install_into is not None:
-        install(world, drm_file, lora_file, install_into)
+        install(world.prompts, drm_file, lora_file, install_into)
     else:
-        print("Run with --install to copy the world model, its VAE, the DRM, the LoRA and the prompts into "
-              "ComfyUI's model folders, so the example workflows run as they are.")
+        print("Run the same command with --install to copy the world model, its VAE, the DRM, the LoRA and the "
+              "prompts into ComfyUI's model folders, so the example workflows run as they are; it reuses this "
+              "finished demo and only copies.")
     print(f"Done in {summary['seconds']} s.")
     return summary
+
+
+def hardware() -> str:
+    """What the figures depend on besides the seed, e.g. "torch 2.14.1 on the CPU, 2 threads, AVX512". The
+    DRM's training amplifies rounding differences, so the thread count and the CPU's instruction set (or
+    a GPU) change the figures; torch 2.11.0 and 2.14.1 gave identical ones (README, What the demo shows)."""
+    import comfy.model_management
+    import torch
+
+    device = comfy.model_management.get_torch_device()
+    where = (f"on the CPU, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+             if device.type == "cpu" else f"on {comfy.model_management.get_torch_device_name(device)}")
+    return f"torch {torch.__version__.split('+')[0]} {where}"
 
 
 def with_lora(model, lora_file: Path):
@@ -161,62 +194,10 @@ def judged(label: str, world, drm, positive, rows: list[int], seed: int, sampler
             "images": images, "scores": verdict.score.tolist(), "matches": verdict.matches.tolist()}
 
 
-def grid_png(texts: list[str], rows: dict[str, dict], path: Path) -> None:
-    """The SHOWN prompts as columns, one row per entry of `rows` (judged() results), each picture
-    captioned with its oracle score (and "wrong" when it does not show its prompt)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .world import parse_prompt
-
-    fig, axes = plt.subplots(len(rows), len(SHOWN), figsize=(1.15 * len(SHOWN), 1.45 * len(rows) + 0.5), squeeze=False)
-    for r, (label, result) in enumerate(rows.items()):
-        for c, i in enumerate(SHOWN):
-            ax = axes[r][c]
-            ax.imshow(result["images"][i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ok = result["matches"][i]
-            ax.set_xlabel(f"{result['scores'][i]:.2f}" + ("" if ok else " wrong"), fontsize=7,
-                          color="black" if ok else "red")
-            if r == 0:
-                shape, colour, background = parse_prompt(texts[i])
-                ax.set_title(f"{colour} {shape}\non {background}", fontsize=7)
-        axes[r][0].set_ylabel(f"{label}\nmean {result['oracle']:.2f}", fontsize=8)
-    fig.suptitle("oracle score under each picture (in [0, 2]); same noise in every row", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def accuracy_png(accuracy: dict, path: Path) -> None:
-    """Bars of the DRM's held-out accuracy against the oracle per sigma bucket (trainer drm's eval keys)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    buckets = [(k[10:].replace("_", "-"), v) for k, v in accuracy.items() if k.startswith("acc_sigma_")]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar([b for b, _ in buckets], [v for _, v in buckets], color="tab:blue")
-    ax.axhline(0.5, color="grey", linestyle="--", label="chance")
-    for x, (_, v) in enumerate(buckets):
-        ax.text(x, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("sigma of the noised latent (0 clean, 1 pure noise)")
-    ax.set_ylabel("agrees with the oracle")
-    ax.set_title("DRM preference accuracy on held-out prompts", fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def install(world, drm_file: Path, lora_file: Path, models: Path) -> None:
+def install(prompts, drm_file: Path, lora_file: Path, models: Path) -> None:
     """Copy what the example workflows name into ComfyUI's model folders: the world model and VAE, the
-    DRM, the LoRA, and every prompt's cached conditioning (plus world-empty, the negative)."""
+    DRM, the LoRA, and every prompt of `prompts` (the world's PromptBank) as cached conditioning (plus
+    world-empty, the negative)."""
     from .world_data import GENERATOR, VAE, WORLD_DIR, save_conditioning_files
 
     copies = {WORLD_DIR / GENERATOR: models / "diffusion_models" / GENERATOR, WORLD_DIR / VAE: models / "vae" / VAE,
@@ -224,9 +205,87 @@ def install(world, drm_file: Path, lora_file: Path, models: Path) -> None:
     for source, target in copies.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-    prompts = save_conditioning_files(world.prompts, models / "drm_conditioning")
-    print(f"Installed the world model, its VAE, {drm_file.name}, {lora_file.name} and {prompts} cached "
+    count = save_conditioning_files(prompts, models / "drm_conditioning")
+    print(f"Installed the world model, its VAE, {drm_file.name}, {lora_file.name} and {count} cached "
           f"prompts into {models}: the example workflows in workflows/ now run as they are.")
+
+
+def sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def world_digests() -> dict[str, str]:
+    """SHA-256 of the world files a demo's DRM and LoRA were made from (world/), by file name."""
+    from .world_data import GENERATOR, PROMPTS, VAE, WORLD_DIR
+
+    return {name: sha256(WORLD_DIR / name) for name in (GENERATOR, VAE, PROMPTS)}
+
+
+def finish(root: Path, settings: dict, drm_file: Path, lora_file: Path, others: list[Path]) -> None:
+    """Write <root>/FINISHED, the demo's last act: `settings` (seed, samples_per_prompt, drm_steps,
+    grpo_iterations), world_digests(), the DRM and LoRA files' paths relative to `root`, and the SHA-256 of
+    those and of `others` (the summary and figures). Written whole or not at all (drm.files.atomic_path)."""
+    from drm.files import atomic_path
+
+    made = [drm_file, lora_file, *others]
+    record = {"demo": "world", "settings": settings, "world": world_digests(),
+              "drm": drm_file.relative_to(root).as_posix(), "lora": lora_file.relative_to(root).as_posix(),
+              "files": {p.relative_to(root).as_posix(): sha256(p) for p in made}}
+    with atomic_path(root / FINISHED) as tmp:
+        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def unfinished(root: Path, settings: dict) -> str | None:
+    """Why `root` holds no world demo finished with `settings` whose files are all as it wrote them
+    (FINISHED, see finish), in a few words; None when it holds one. Reads files, changes nothing."""
+    try:
+        record = json.loads((root / FINISHED).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return "no demo finished there"
+    except (OSError, UnicodeDecodeError, ValueError):
+        return f"its {FINISHED} cannot be read"
+    files = record.get("files") if isinstance(record, dict) else None
+    if (not isinstance(files, dict) or record.get("demo") != "world" or record.get("drm") not in files
+            or record.get("lora") not in files or not all(isinstance(v, str) for v in files.values())
+            or any(Path(p).is_absolute() or ".." in Path(p).parts for p in files)):
+        return f"its {FINISHED} is damaged"
+    used = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    changed = [f"{k} {used.get(k)!r}, not {v!r}" for k, v in settings.items() if used.get(k) != v]
+    if changed:
+        return "it ran with " + ", ".join(changed)
+    if record.get("world") != world_digests():
+        return "world/ has changed since it ran"
+    for name, digest in files.items():
+        if not (root / name).is_file() or sha256(root / name) != digest:
+            return f"{name} is missing or changed"
+    return None
+
+
+def install_finished(root: Path, settings: dict, models: Path) -> dict | None:
+    """Copy the DRM and LoRA of a demo that finished in `root` with `settings`, and the world's files,
+    into `models` (install), holding `root`'s lock so that no demo empties it meanwhile; returns its
+    summary (demo.json). Returns None, saying why, when `root` holds no such demo (unfinished)."""
+    from ..prompts import load_prompt_bank
+    from ..runs import out_lock
+    from .world_data import PROMPTS, WORLD_DIR
+
+    why = "no demo finished there"
+    if (root / FINISHED).is_file():
+        with out_lock(root):  # no demo may empty `root` while its files are checked and copied
+            why = unfinished(root, settings)
+            if why is None:
+                record = json.loads((root / FINISHED).read_text(encoding="utf-8"))
+                print(f"Reusing the demo that finished in {root} (seed {settings['seed']}): copying its files, "
+                      "running nothing.")
+                install(load_prompt_bank(WORLD_DIR / PROMPTS), root / record["drm"], root / record["lora"], models)
+                return json.loads((root / "demo.json").read_text(encoding="utf-8"))
+    print(f"No finished demo to reuse in {root} ({why}): running it first, then installing.\n")
+    return None
 
 
 def stage(name: str, train, *args):

@@ -6,7 +6,8 @@ training pass uses again, so a log-prob recomputed on-policy equals the rollout'
 `reward(x, sigma, prompt_rows)` scores latents at noise level sigma (the DRM).
 
 Randomness comes from one generator per prompt (seeded by the caller from the seed, the iteration and
-the prompt's global index), so a run gives the same numbers however its prompts are split over processes.
+the prompt's global index), drawn through drm.sde.item_noise, so a run gives the same numbers however its
+prompts are split over processes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drm.sde import sde_mean_std
+from drm.sde import item_noise, sde_mean_std
 
 from .loss import gaussian_kl, group_advantages, transition_loss
 
@@ -64,12 +65,6 @@ def cfg_predict(policy, x, sigma: float, cond: Conditioning, cfg: float) -> tupl
     return unconditional + cfg * (conditional - unconditional), unconditional
 
 
-def _draw(generators: list[torch.Generator], shape: tuple[int, ...], k: int, repeat: int = 1) -> torch.Tensor:
-    """Noise [k, len(generators) * repeat, *shape]; item b's rows come from generator b alone."""
-    per_item = [torch.randn((k, repeat, *shape), generator=g) for g in generators]
-    return torch.cat(per_item, dim=1)
-
-
 @torch.no_grad()
 def rollout_step_grpo(policy, reward, cond: Conditioning, generators: list[torch.Generator], sigmas: torch.Tensor,
                       shape: tuple[int, ...], cfg: float, eta: float, branches: int, trained: set[int],
@@ -81,16 +76,17 @@ def rollout_step_grpo(policy, reward, cond: Conditioning, generators: list[torch
     reward statistics.
     """
     batch = len(generators)
-    x = _draw(generators, shape, 1)[0].to(device)
+    prompts = torch.arange(batch)
+    x = item_noise(generators, prompts, 1, shape, device)[0]
     records, chosen_rewards = [], []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised, uncond = cfg_predict(policy, x, sigma, cond, cfg)
         mean, std = sde_mean_std(x, denoised, sigma, sigma_next, eta)
         if i not in trained or sigma_next == 0:
-            x = mean + std * _draw(generators, shape, 1)[0].to(device)
+            x = mean + std * item_noise(generators, prompts, 1, shape, device)[0]
             continue
-        samples = mean + std * _draw(generators, shape, branches).to(device)  # [K, B, ...]
+        samples = mean + std * item_noise(generators, prompts, branches, shape, device)  # [K, B, ...]
         rows = torch.arange(batch, device=device).repeat(branches)
         scores = reward(samples.flatten(0, 1), sigma_next, rows).view(branches, batch)
         advantages = advantages_of(scores.T).T
@@ -112,13 +108,13 @@ def rollout_grpo(policy, reward, cond: Conditioning, generators: list[torch.Gene
     batch = len(generators)
     rows = group_rows(batch, group).to(device)
     cond = cond.rows(rows)
-    x = _draw(generators, shape, 1, repeat=group)[0].to(device)
+    x = item_noise(generators, rows, 1, shape, device)[0]
     records = []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised, uncond = cfg_predict(policy, x, sigma, cond, cfg)
         mean, std = sde_mean_std(x, denoised, sigma, sigma_next, eta)
-        sample = mean + std * _draw(generators, shape, 1, repeat=group)[0].to(device)
+        sample = mean + std * item_noise(generators, rows, 1, shape, device)[0]
         if i in trained and sigma_next > 0:
             records.append(StepRecord(i, sigma, sigma_next, x, uncond, sample[None], mean, torch.empty(0)))
         x = sample

@@ -214,8 +214,7 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from drm.plots import training_curves_png
-
+    from ..figures import training_curves_png
     from ..models import load_base
     from .encoded import EncodedPairs
     from .pairs import load_pairs
