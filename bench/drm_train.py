@@ -26,6 +26,7 @@ def extra_bytes(depth: int, rank: int, bytes_per_weight: int = 2) -> tuple[int, 
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
+    from drm.checkpoint import keep_blocks
     from drm.head import ConvGNHead
     from drm.lora import target_paths
     from trainer.demo.tiny import tiny_generator_config
@@ -40,8 +41,7 @@ def extra_bytes(depth: int, rank: int, bytes_per_weight: int = 2) -> tuple[int, 
     backbone_n = count(backbone.parameters()) + backbone.pos_embed.numel()
     final_n = count(backbone.final_layer.parameters())
     lora_n = sum(rank * sum(backbone.get_submodule(p).weight.shape) for p in target_paths(backbone, False, blocks))
-    kept = [p for n, p in backbone.named_parameters()
-            if not (n.startswith("joint_blocks.") and int(n.split(".")[1]) >= blocks)]
+    kept = keep_blocks(dict(backbone.named_parameters()), blocks).values()
     full_n = count(kept) + backbone.pos_embed.numel() + count(head.parameters())
     adapter_n = lora_n + final_n + count(head.parameters())
     return backbone_n * bytes_per_weight, adapter_n * bytes_per_weight, full_n * bytes_per_weight

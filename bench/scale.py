@@ -160,6 +160,7 @@ def grpo_iteration(algorithm: str, args, patcher, drm, device, checkpointing: bo
                "training": meter.seconds["training"]}
     members = 1 if algorithm == "step-grpo" else cfg.group
     return {"seconds": seconds, "peak": meter.overall_peak, "phase_peak": dict(meter.peak),
+            "trained_params": sum(p.numel() for p in params), "trained_bytes": sum(p.nbytes for p in params),
             "latents": {"rollout": cfg.branches if algorithm == "step-grpo" else cfg.group, "training": members}}
 
 
@@ -230,7 +231,8 @@ def drm_step(model, params, mode: str, args, device, checkpointing: bool) -> dic
     model.zero_grad(set_to_none=True)
     own = sum(p.numel() * p.element_size() for p in model.parameters()) if mode == "full" else 0
     return {"seconds": dict(meter.seconds), "peak": meter.overall_peak, "phase_peak": dict(meter.peak),
-            "trained_params": sum(p.numel() for p in params), "own_weights": own, "grad_bytes": grads,
+            "trained_params": sum(p.numel() for p in params), "trained_bytes": sum(p.nbytes for p in params),
+            "own_weights": own, "grad_bytes": grads,
             "latents": {"training": 2 * args.pairs}}
 
 
@@ -246,47 +248,56 @@ def release() -> None:
 
 
 def fit_rows(results: dict, facts: dict, resolution: int) -> list[dict]:
-    """The largest batch per card for each stage, extrapolated: weights + batch * activation per latent, the
-    latter scaled from the measured resolution by the token count (memory-efficient attention is linear in it)."""
+    """The largest batch per card for each stage, extrapolated: fixed memory + batch * activation memory per prompt
+    (or pair), the latter measured at `resolution` and scaled by the token count (memory-efficient attention is
+    linear in it).
+
+    Fixed: the weights (the generator with its released position table, the reward DRM's own parts), and the
+    trained parameters with their gradients and AdamW's two moments; for `drm_full` the state `trainer drm --mode
+    full` holds (fp32 weights and gradients and AdamW moments, full_training_computed). Activation per unit: the
+    highest phase peak (gradients and optimizer state taken out) over the prompts or pairs measured.
+    """
     rows = []
-    generator = facts["generator_weights_released_gib"] + facts["reward_drm_own_gib"]
-    for stage, unit, weights in (("step_grpo", "prompts", generator), ("grpo", "prompts", generator),
-                                 ("drm_adapter", "pairs", facts["generator_weights_released_gib"]),
-                                 ("drm_full", "pairs", None)):
+    generator = facts["generator_weights_released_gib"]
+    for stage in ("step_grpo", "grpo", "drm_adapter", "drm_full"):
         if stage not in results:
             continue
         for mode in MODES:
             run = results[stage][mode]
-            fixed = weights
-            per_unit = {}  # GiB per prompt (or pair) at the measured resolution, per phase
-            if stage.startswith("drm"):
-                activation = run["peak"] - (run["grad_bytes"] if stage == "drm_full" else 0)
-                per_unit["training"] = activation / GiB / (run["latents"]["training"] / 2)
-                if stage == "drm_full":
-                    fixed = (run["own_weights"] + run["grad_bytes"]) / GiB
+            trained = run["trained_bytes"] / GiB
+            peaks = {phase: peak / GiB for phase, peak in run["phase_peak"].items()}
+            if stage in ("step_grpo", "grpo"):
+                fixed, unit = generator + facts["reward_drm_own_gib"] + 4 * trained, "prompts"
+                per_unit = max(peaks["rollout"], peaks["training"] - 3 * trained)  # 1 prompt measured
             else:
-                per_unit = {phase: peak / GiB for phase, peak in run["phase_peak"].items()}  # 1 prompt measured
+                unit, pairs = "pairs", run["latents"]["training"] / 2
+                per_unit = max(peaks["forward"], peaks["backward"] - run["grad_bytes"] / GiB) / pairs
+                if stage == "drm_adapter":
+                    fixed = generator + 4 * trained
+                else:
+                    fixed = full_training_computed(results["drm_full"], resolution)[0]["fsdp_state_gib"]
             for res in FIT_RESOLUTIONS:
-                scale = tokens(res) / tokens(resolution)
-                need = max(per_unit.values()) * scale
+                need = max(per_unit, 0.0) * tokens(res) / tokens(resolution)
                 batch = {card: max(0, math.floor((card - CARD_RESERVE_GIB - fixed) / need)) for card in CARDS_GIB}
                 rows.append({"stage": stage, "unit": unit, "mode": mode, "resolution": res, "fixed_gib": fixed,
                              "gib_per_unit": need, "max_batch": batch})
     return rows
 
 
-def full_training_computed(full: dict, facts: dict, resolution: int) -> list[dict]:
-    """`trainer drm --mode full` as it runs on a GPU (fp32 weights and gradients, AdamW's two fp32 moments,
-    bf16 autocast), per GPU when N GPUs shard it: FSDP shards all of it, ZeRO-2 the gradients and moments."""
+def full_training_computed(full: dict, resolution: int) -> list[dict]:
+    """`trainer drm --mode full` as it runs on GPUs, computed from the parameter counts: fp32 weights (4 bytes per
+    parameter), fp32 gradients and AdamW's two fp32 moments (12 more per trained parameter), bf16 autocast.
+    Per GPU when N GPUs shard it: FSDP shards all of it, DeepSpeed ZeRO-2 the gradients and moments only.
+    The activation per pair at 1024x1024 is the measured one (bf16, no checkpointing) scaled by tokens."""
     run = full["no_checkpointing"]
-    trained, frozen = run["trained_params"], run["own_weights"] / 2 - run["trained_params"]
-    activation = (run["peak"] - run["grad_bytes"]) / GiB * tokens(1024) / tokens(resolution)
+    trained, frozen = run["trained_params"], run["own_weights"] / 2 - run["trained_params"]  # own weights are bf16
+    peaks = run["phase_peak"]
+    activation = max(peaks["forward"], peaks["backward"] - run["grad_bytes"]) / GiB / (run["latents"]["training"] / 2)
     rows = []
     for gpus in (1, 2, 4, 8):
-        fsdp = (16 * trained + 4 * frozen) / gpus / GiB
-        zero2 = (4 * (trained + frozen) + 12 * trained / gpus) / GiB
-        rows.append({"gpus": gpus, "fsdp_state_gib": fsdp, "zero2_state_gib": zero2,
-                     "activation_gib_per_pair_1024": activation / (run["latents"]["training"] / 2)})
+        rows.append({"gpus": gpus, "fsdp_state_gib": (16 * trained + 4 * frozen) / gpus / GiB,
+                     "zero2_state_gib": (4 * (trained + frozen) + 12 * trained / gpus) / GiB,
+                     "activation_gib_per_pair_1024": activation * tokens(1024) / tokens(resolution)})
     return rows
 
 
@@ -324,7 +335,8 @@ def main() -> None:
     patcher, drm, facts = build(args, device)
     print(f"device {device}, bf16, depth {args.depth}: {facts['params'] / 1e9:.3f} B parameters built "
           f"({facts['params_released_layout'] / 1e9:.3f} B with the released model's position table), "
-          f"{args.resolution}x{args.resolution} ({tokens(args.resolution)} tokens per latent), peak memory: {counter}")
+          f"{args.resolution}x{args.resolution} ({tokens(args.resolution)} tokens per latent), peak memory: {counter}; "
+          f"RSS high-water {rss_gib():.1f} GiB", flush=True)
     results: dict = {}
     for algorithm, stage in (("step-grpo", "step_grpo"), ("grpo", "grpo")):
         if stage in stages:
@@ -378,7 +390,7 @@ def report(args, facts, results, counter, device, seconds) -> None:
             out[stage] = entry
     if "drm_full" in results:
         print("  (drm full: bf16 weights of its own and bf16 gradients; the gradients are part of the peak, no AdamW step)")
-        rows = full_training_computed(results["drm_full"], facts, args.resolution)
+        rows = full_training_computed(results["drm_full"], args.resolution)
         print("\nCOMPUTED from parameter counts, not measured: `trainer drm --mode full` on GPUs (fp32 weights and "
               "gradients, AdamW's two fp32 moments, bf16 autocast), state per GPU")
         print(f"{'GPUs':>4} {'FSDP GiB':>9} {'ZeRO-2 GiB':>11}   plus activations, about "
@@ -387,15 +399,17 @@ def report(args, facts, results, counter, device, seconds) -> None:
             print(f"{row['gpus']:>4} {row['fsdp_state_gib']:9.1f} {row['zero2_state_gib']:11.1f}")
         out["drm_train"]["computed_full_fp32_adamw"] = rows
     fits = fit_rows(results, facts, args.resolution)
-    print(f"\nEXTRAPOLATED, not measured: the largest batch per process that fits a card, from weights "
-          f"({facts['generator_weights_released_gib']:.2f} GiB for the generator with its released position table) plus "
-          f"the measured activation memory per prompt or pair at {args.resolution}x{args.resolution}, scaled by tokens "
-          f"per latent (linear, as memory-efficient attention is), {CARD_RESERVE_GIB} GiB per card kept free; "
-          "step-grpo and grpo: prompts (K siblings or G trajectories each); drm: pairs; 0: does not fit")
-    print(f"{'stage':12} {'ckpt':4} {'res':>5} {'GiB/unit':>9} " + " ".join(f"{c:>4} GiB" for c in CARDS_GIB))
+    print(f"\nEXTRAPOLATED, not measured: the largest batch per process (one GPU) that fits a card: fixed memory "
+          f"(weights: {facts['generator_weights_released_gib']:.2f} GiB for the generator with its released position "
+          "table; trained parameters with gradients and AdamW; drm_full: the trainer's fp32 state, computed) plus the "
+          f"activation memory per prompt or pair measured at {args.resolution}x{args.resolution}, scaled by tokens per "
+          f"latent (linear, as memory-efficient attention is); {CARD_RESERVE_GIB} GiB per card kept free. step_grpo "
+          "and grpo: prompts (K siblings or G trajectories each); drm: pairs; 0: does not fit")
+    print(f"{'stage':12} {'ckpt':4} {'res':>5} {'fixed GiB':>9} {'GiB/unit':>9} " + " ".join(f"{c:>4} GiB" for c in CARDS_GIB))
     for row in fits:
         print(f"{row['stage']:12} {'yes' if row['mode'] == 'checkpointing' else 'no':4} {row['resolution']:5} "
-              f"{row['gib_per_unit']:9.3f} " + " ".join(f"{row['max_batch'][c]:>8}" for c in CARDS_GIB))
+              f"{row['fixed_gib']:9.2f} {row['gib_per_unit']:9.3f} "
+              + " ".join(f"{row['max_batch'][c]:>8}" for c in CARDS_GIB))
     out["extrapolated_fits"] = {"note": "extrapolated from the measured points: weights + batch x activation per unit, "
                                         f"scaled by tokens per latent; {CARD_RESERVE_GIB} GiB per card reserved",
                                 "rows": fits}

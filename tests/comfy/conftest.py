@@ -76,3 +76,15 @@ def to_diffusers():
     except ImportError as e:
         pytest.skip(f"needs diffusers (pip install diffusers peft): {e}")
     return diffusers_sd3_transformer
+
+
+@pytest.fixture(scope="module")
+def nodes_mod(pack):
+    """The pack's nodes package, as ComfyUI imported it."""
+    return pack.nodes
+
+
+@pytest.fixture(scope="module")
+def drm(nodes_mod):
+    """The tiny full DRM (tiny-drm.safetensors) through DRM Loader, in fp32."""
+    return nodes_mod.loader.DRMLoader.execute("tiny-drm.safetensors", "fp32").args[0]

@@ -16,16 +16,6 @@ SIGMA = 0.4
 PAIRS = [(4, 2), (4, 3), (2, 4), (4, 1), (3, 3)]
 
 
-@pytest.fixture(scope="module")
-def nodes_mod(pack):
-    return pack.nodes
-
-
-@pytest.fixture(scope="module")
-def drm(nodes_mod):
-    return nodes_mod.loader.DRMLoader.execute("tiny-drm.safetensors", "fp32").args[0]
-
-
 def prompts(n: int) -> list:
     """A CONDITIONING of n different prompts (one entry, batch n), as a batched text encode gives."""
     from trainer.demo.tiny import tiny_conditioning

@@ -11,16 +11,6 @@ STEPS = 5
 
 
 @pytest.fixture(scope="module")
-def nodes_mod(pack):
-    return pack.nodes
-
-
-@pytest.fixture(scope="module")
-def drm(nodes_mod):
-    return nodes_mod.loader.DRMLoader.execute("tiny-drm.safetensors", "fp32").args[0]
-
-
-@pytest.fixture(scope="module")
 def setup(tiny_generator):
     from trainer.demo.tiny import tiny_conditioning
 

@@ -139,12 +139,15 @@ def _header_shapes(path: str) -> dict[str, list[int]]:
 
 
 def check_drm_fits_base(drm_path: str, base_path: str) -> None:
-    """Refuse, before any model loads, a DRM whose latent channels, width or text context differ from the base's."""
+    """Refuse, before any model loads, a DRM whose latent channels, patch, width or text widths differ from the
+    base's (drm.fit, read from the two files' headers)."""
+    from drm.fit import Shapes, shape_differences
+
     drm, base = _header_shapes(drm_path), _header_shapes(base_path)
     prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in base) else ""
-    checks = [("x_embedder.proj.weight", "latent channels and width"), ("context_embedder.weight", "text context"),
-              ("final_layer.linear.weight", "width")]
-    for key, what in checks:
-        if key in drm and prefix + key in base and drm[key] != base[prefix + key]:
-            raise ConfigError(f"drm: {Path(drm_path).name} does not fit the base model ({what}: {key} is "
-                              f"{drm[key]} in the DRM, {base[prefix + key]} in the base); use a DRM trained for it")
+    drm_shapes = Shapes.of_state_dict(drm)
+    differences = shape_differences(drm_shapes, Shapes.of_state_dict(base, prefix))
+    if differences:
+        what, key = differences[0].what, drm_shapes.sources[differences[0].name]
+        raise ConfigError(f"drm: {Path(drm_path).name} does not fit the base model ({what}: {key} is "
+                          f"{drm[key]} in the DRM, {base.get(prefix + key)} in the base); use a DRM trained for it")

@@ -124,7 +124,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     drm = load_drm(cfg.drm, weight_dtype=torch.float32 if device.type == "cpu" else None, base_model=base.model)
     # the reward model sees prompts padded as in its training (drm.t5_length), or the run is refused
     check_prompt_padding(drm, [(cfg.prompts, bank), (cfg.eval_prompts or cfg.prompts, eval_bank)])
-    policy = Policy(base.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp, device, cfg.seed)
+    policy = Policy(base.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp, device, cfg.seed,
+                    checkpointing=cfg.grad_checkpointing)
     comfy.model_management.load_models_gpu([base.model, drm.patcher])
     sigmas = schedule_sigmas(base.model.get_model_object("model_sampling"), cfg.scheduler, cfg.steps)
     shape = (16, cfg.resolution // 8, cfg.resolution // 8)

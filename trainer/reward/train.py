@@ -33,22 +33,24 @@ EVAL_SIGMAS_PER_BUCKET = 3
 
 
 def check_pairs_fit(pairs, mmdit, data: str) -> None:
-    """Refuse encoded pairs whose latents or prompts the base model cannot take, naming what differs."""
+    """Refuse encoded pairs whose latents or prompts the base model cannot take, naming what differs (drm.fit)."""
+    from drm.fit import Shapes, shape_differences
+
     latent, context, pooled = pairs.preferred, pairs.context, pairs.pooled
-    limit = None if mmdit.pos_embed_max_size is None else mmdit.pos_embed_max_size * mmdit.patch_size
+    base = Shapes.of_mmdit(mmdit)
+    found = {d.name for d in shape_differences(Shapes.of_data(latent, context, pooled), base)}
     problems = []
-    if latent.ndim != 4 or latent.shape[1] != mmdit.in_channels or pairs.rejected.shape != latent.shape:
+    if latent.ndim != 4 or "latent_channels" in found or pairs.rejected.shape != latent.shape:
         problems.append(f"latents are {list(latent.shape)} and {list(pairs.rejected.shape)}, the base takes "
-                        f"[N, {mmdit.in_channels}, h, w]")
-    elif limit is not None and max(latent.shape[-2:]) > limit:
+                        f"[N, {base.latent_channels}, h, w]")
+    elif "latent_size" in found:
+        limit = base.max_latent_size
         problems.append(f"latents are {latent.shape[-2]}x{latent.shape[-1]}, the base's position embedding covers "
                         f"{limit}x{limit} (resolution {limit * 8})")
-    width = getattr(mmdit.context_embedder, "in_features", None)
-    if context.ndim != 3 or (width is not None and context.shape[-1] != width):
-        problems.append(f"context is {list(context.shape)}, the base takes [P, T, {width}]")
-    pooled_width = None if mmdit.y_embedder is None else mmdit.y_embedder.mlp[0].in_features
-    if pooled.ndim != 2 or (pooled_width is not None and pooled.shape[-1] != pooled_width):
-        problems.append(f"pooled is {list(pooled.shape)}, the base takes [P, {pooled_width}]")
+    if context.ndim != 3 or "context" in found:
+        problems.append(f"context is {list(context.shape)}, the base takes [P, T, {base.context}]")
+    if pooled.ndim != 2 or "pooled" in found:
+        problems.append(f"pooled is {list(pooled.shape)}, the base takes [P, {base.pooled}]")
     if problems:
         raise ValueError(f"data: {Path(data).name} does not fit the base model: {'; '.join(problems)}. Encode the "
                          "pairs with this base (pass the pairs .json/.jsonl instead of the .safetensors).")
