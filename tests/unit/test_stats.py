@@ -6,9 +6,7 @@ import math
 
 import pytest
 
-pytest.importorskip("scipy", reason="bench/stats.py uses scipy, which ComfyUI's requirements bring")
-
-from bench.stats import mean_ci, paired_diff_ci, t_quantile, verdict  # noqa: E402
+from bench.stats import mean_ci, paired_diff_ci, t_quantile, verdict
 
 
 @pytest.mark.parametrize(("df", "level", "table"), [
