@@ -144,7 +144,8 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, blocks: int | None = None) -> DRMCheckpoint:
-    """Read any DRM file into comfy-named tensors. `blocks` overrides the file's kept-block count."""
+    """Read any DRM file into comfy-named tensors. `blocks` overrides the file's kept-block count. An official
+    file's metadata gains the authors' conventions (drm.official.OFFICIAL_METADATA) where it names none."""
     name = Path(path).name
     tensors, metadata = read_safetensors(path)
     try:
@@ -154,12 +155,15 @@ def load_checkpoint(path: str | os.PathLike, blocks: int | None = None) -> DRMCh
             return DRMCheckpoint(fmt, tensors, int(metadata.get("drm.blocks", 0)), metadata)
         if fmt == "official":
             from .official import (  # official.py reads this module's constants
+                OFFICIAL_METADATA,
                 official_blocks,
                 official_to_comfy,
             )
 
             tensors = official_to_comfy(tensors)
             default_blocks = official_blocks(tensors)
+            # the authors' T5 length, prompt and image conventions, which their files do not record
+            metadata = {**OFFICIAL_METADATA, **metadata}
         else:
             default_blocks = int(metadata.get("drm.blocks") or count_blocks(tensors))
         if "x_embedder.proj.weight" not in tensors or tensors["x_embedder.proj.weight"].shape[1] != 16:

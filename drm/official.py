@@ -1,10 +1,27 @@
-"""The authors' DRM files (jjaxonx/DRM `model.safetensors`): diffusers-named backbone to ComfyUI's MMDiT names."""
+"""The authors' DRM files (jjaxonx/DRM `model.safetensors`): their backbone in ComfyUI's MMDiT names, and the
+input conventions their code applies but their files do not record.
+
+Line references are to jjaxonx/DRM at commit 5c3c101.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .checkpoint import HEAD_PREFIX, OFFICIAL_PREFIX, OFFICIAL_SKIPPED_BLOCKS, count_blocks
+
+# What an official file is trained and scored on, as metadata keys the runtime reads (an official file has
+# none of its own):
+# - drm.t5_length: T5 padded and truncated to 512 tokens (train.py:80 and :166-177; pipeline.py:48, :130-138);
+# - drm.prompt_text "plain": prompts tokenised as plain text, CLIP cut at 77 tokens (train.py:182-187), so
+#   nothing longer than 77 + 512 tokens was ever seen;
+# - drm.image_size: images squashed to 512 x 512 before encoding (pipeline.py:47, :204).
+AUTHORS_T5_LENGTH = 512
+AUTHORS_IMAGE_SIZE = 512
+OFFICIAL_METADATA = {"drm.t5_length": str(AUTHORS_T5_LENGTH), "drm.prompt_text": "plain",
+                     "drm.image_size": str(AUTHORS_IMAGE_SIZE)}
 
 
 def official_to_comfy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,3 +57,24 @@ def official_blocks(state_dict: dict[str, torch.Tensor]) -> int:
         raise ValueError(f"backbone depth {depth} is neither SD3.5-Medium (24) nor SD3.5-Large (38); "
                          "pass the number of blocks to keep explicitly")
     return depth - OFFICIAL_SKIPPED_BLOCKS[depth]
+
+
+def squash_8bit(image: Image.Image, size: int) -> np.ndarray:
+    """An 8-bit Pillow image squashed to size x size, as float32 [size, size, 3] RGB in [0, 1].
+
+    The authors' preprocessing for training and inference (dataset.py:79-80, pipeline.py:197-206):
+    `convert("RGB")` (an alpha channel is dropped, not composited), then Pillow's bicubic resize of the
+    8-bit image straight to the square (the aspect ratio is not kept), then / 255.
+    """
+    square = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(square, dtype=np.float32) / 255.0
+
+
+def squash_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A ComfyUI IMAGE batch [B, H, W, C >= 3] (floats in [0, 1]) squashed as `squash_8bit` does, [B, size, size, 3].
+
+    The pixels are rounded to 8 bits first, as the authors' images are read (an image from Load Image is
+    exactly n / 255, so nothing changes there); channels after the third (alpha) are dropped.
+    """
+    pixels = (images[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return torch.from_numpy(np.stack([squash_8bit(Image.fromarray(p, "RGB"), size) for p in pixels])).to(images.device)

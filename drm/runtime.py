@@ -6,6 +6,7 @@ moves the weights with ComfyUI's ModelPatcher, and scores model-space latents in
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -97,20 +98,36 @@ class LoadedDRM:
         return _to_batch(context, batch, "conditioning"), _to_batch(pooled, batch, "pooled conditioning")
 
     def check_text_length(self, context: torch.Tensor, what: str = "positive conditioning", fix: str | None = None) -> None:
-        """Refuse a prompt encoded with fewer T5 tokens than the DRM was trained with (its file's drm.t5_length).
+        """Refuse a prompt encoded with fewer T5 tokens than the DRM was trained with (its file's drm.t5_length;
+        512 for the authors' official files); warn about a longer one if training cut prompts there.
 
         SD3's context is CLIP's 77 tokens followed by T5's, padded to a minimum length; a DRM trained
-        on another minimum sees other padding tokens and scores otherwise. Longer prompts only add tokens.
+        on another minimum sees other padding tokens and scores otherwise. ComfyUI never cuts a prompt, and
+        a DRM trained on cut ones (drm.prompt_text "plain", as the authors') never saw a longer one.
         """
         trained = self.metadata.get("drm.t5_length")
-        if trained and not trained.isdigit():
+        if not trained:
+            return
+        if not trained.isdigit():
             raise ValueError(f"DRM {self.name}: its metadata drm.t5_length is {trained!r}, not a token count; the "
                              "file was edited or written by another tool. Export or import it again.")
-        if trained and context.shape[-2] < CLIP_TOKENS + int(trained):
-            raise ValueError(f"{what} has {context.shape[-2]} tokens, but DRM {self.name} was trained on prompts whose "
-                             f"T5 part was padded to {trained} tokens ({CLIP_TOKENS + int(trained)} with CLIP's "
-                             f"{CLIP_TOKENS}). " + (fix or f"Pass the CLIP through ComfyUI's T5TokenizerOptions node "
-                                                     f"with min_length {trained} before encoding the prompt."))
+        tokens, longest = context.shape[-2], CLIP_TOKENS + int(trained)
+        if tokens < longest:
+            raise ValueError(f"{what} has {tokens} tokens, but DRM {self.name} was trained on prompts whose T5 part "
+                             f"was padded to {trained} tokens ({longest} with CLIP's {CLIP_TOKENS}). "
+                             + (fix or f"Pass the CLIP through ComfyUI's T5TokenizerOptions node with min_length "
+                                       f"{trained} before encoding the prompt."))
+        if tokens > longest and self.metadata.get("drm.prompt_text") == "plain":
+            logging.warning("%s has %d tokens; DRM %s was trained on prompts cut at %d CLIP and %s T5 tokens (%d in "
+                            "all), and ComfyUI cuts neither (a prompt over 75 CLIP tokens gets a second 77-token CLIP "
+                            "chunk). Its scores for this prompt may be off; a shorter prompt avoids that.",
+                            what, tokens, self.name, CLIP_TOKENS, trained, longest)
+
+    def image_size(self) -> int | None:
+        """The square size (pixels) the DRM's images were squashed to before encoding (drm.image_size: 512 for the
+        authors' official files), or None when they kept their aspect ratio."""
+        size = self.metadata.get("drm.image_size", "")
+        return int(size) if size.isdigit() and int(size) > 0 else None
 
     # ---- scoring ----
 

@@ -9,9 +9,12 @@ import torch
 from comfy_api.latest import io
 from comfy_execution.graph_utils import ExecutionBlocker
 
+from ..drm.official import AUTHORS_IMAGE_SIZE, squash_images
 from .types import DRMModel, check_combos
 
 NO_THRESHOLD = -10000.0
+# DRM Score Image's `resize`: the square size images are squashed to (None: their own size; auto: the DRM's)
+RESIZE_OPTIONS = {"auto": None, "none": None, f"{AUTHORS_IMAGE_SIZE} square": AUTHORS_IMAGE_SIZE}
 
 
 def protocol_inputs(images: bool) -> list:
@@ -151,19 +154,32 @@ class DRMScoreImage(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The SD3 / SD3.5 VAE that encodes the images to latents."),
                 io.Conditioning.Input("positive", tooltip="The positive prompt's SD3 conditioning; the DRM scores against it."),
                 *protocol_inputs(images=True),
+                # last, so that the widget values of workflows saved before it keep their places
+                io.Combo.Input("resize", options=list(RESIZE_OPTIONS), default="auto", optional=True,
+                               tooltip="How images are sized before encoding. auto: as the DRM's images were in "
+                                       "training: squashed to 512x512 for the authors' official files (their "
+                                       "inference does so), kept as they are for other DRMs. none: encode each image "
+                                       "at its own size. 512 square: squash to 512x512 (Pillow's 8-bit bicubic, "
+                                       "aspect ratio not kept), as the authors' inference. The outputs are the "
+                                       "images as they came in."),
             ],
             outputs=score_outputs(io.Image, "image"),
         )
 
     @classmethod
+    def validate_inputs(cls, resize=None) -> bool | str:
+        return check_combos(cls, resize=resize)
+
+    @classmethod
     def execute(cls, drm, image, vae, positive, noise_sigma=-1.0, noise_draws=1, seed=0, top_k=0,
-                threshold=NO_THRESHOLD) -> io.NodeOutput:
+                threshold=NO_THRESHOLD, resize="auto") -> io.NodeOutput:
         if image.ndim != 4 or image.shape[-1] < 3 or min(image.shape[1:3]) < 8:
             raise ValueError(f"image is {list(image.shape)}; expected an IMAGE batch [B, H, W, 3 or 4] of at least 8x8 "
                              "pixels (the VAE works on 8x8 blocks). Connect a Load Image or VAE Decode output.")
         if not torch.isfinite(image).all():
             raise ValueError("image holds NaN or infinite pixel values; check the node that made it.")
-        samples = vae.encode(image[:, :, :, :3])
+        size = drm.image_size() if resize == "auto" else RESIZE_OPTIONS[resize]
+        samples = vae.encode(image[:, :, :, :3] if size is None else squash_images(image, size))
         scores, summary, kept, rejected = score_and_select(drm, samples, 0.0, positive, noise_sigma, noise_draws,
                                                            seed, top_k, threshold, for_images=True)
         return io.NodeOutput(scores, summary, image[kept], image[rejected] if len(rejected) else ExecutionBlocker(None))

@@ -97,12 +97,11 @@ def _run(argv: list[str] | None) -> int:
             else:
                 run_demo(out=args.out or "runs/demo", seed=args.seed,
                          install_into=Path(folder_paths.models_dir) if args.install else None)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         except RunInterrupted as e:
             print(f"stopped: {e}", file=sys.stderr)
             return 130
+        except Exception as e:
+            return _failed(e, run_out=None)
     else:
         from .grpo.train import train_grpo
         from .reward.train import train_drm
@@ -111,20 +110,35 @@ def _run(argv: list[str] | None) -> int:
             # one lock per run: under torchrun / accelerate only rank 0 takes it (the ranks share `out`)
             with out_lock(config.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
                 (train_drm if args.command == "drm" else train_grpo)(config)
-        except ValueError as e:  # bad data or models: a clear message, nothing half-written
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (MemoryError, RuntimeError) as e:
-            if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
-                raise
-            print(f"error: out of memory ({str(e).splitlines()[0][:160]}). Lower batch_size or resolution (or, for "
-                  "grpo, group / branches); with --resume the run continues from its last checkpoint.", file=sys.stderr)
-            return 2
         except RunInterrupted as e:  # the checkpoint makes --resume continue exactly
             if os.environ.get("RANK", "0") == "0":
                 print(e.args[0])
             return 130  # not 0: a script running `drm ... && grpo ...` must not go on as if training finished
+        except Exception as e:
+            return _failed(e, run_out=Path(config.out))
     return 0
+
+
+def _failed(error: Exception, run_out: Path | None) -> int:
+    """Exit status 2 and one line on stderr for what the user can fix, else `error` re-raised: a full disk
+    (wherever it shows in the error's chain: torch and safetensors wrap it), bad data or models or a diverged
+    run (ValueError, which says what to do), and, for a trainer's run into `run_out`, running out of memory."""
+    from drm.files import disk_full
+
+    from .runs import full_disk_message
+
+    full = disk_full(error)
+    if full is not None:
+        print(f"error: {full_disk_message(full, run_out)}", file=sys.stderr)
+    elif isinstance(error, ValueError):
+        print(f"error: {error}", file=sys.stderr)
+    elif run_out is not None and (isinstance(error, MemoryError) or isinstance(error, RuntimeError) and (
+            "out of memory" in str(error) or "allocate memory" in str(error))):
+        print(f"error: out of memory ({str(error).splitlines()[0][:160]}). Lower batch_size or resolution (or, for "
+              "grpo, group / branches); with --resume the run continues from its last checkpoint.", file=sys.stderr)
+    else:
+        raise error
+    return 2
 
 
 def _import_dina(snapshot: str, out: str) -> int:
@@ -133,13 +147,19 @@ def _import_dina(snapshot: str, out: str) -> int:
     if not out.endswith(".safetensors"):
         print(f"error: --out {out}: expected a .safetensors file name (DRM Loader lists only those).", file=sys.stderr)
         return 2
+    from drm.files import disk_full
+
+    from .runs import full_disk_message
+
     try:
         metadata = import_dina(snapshot, out)
     except SnapshotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # --out cannot be written: its folder is a file, it is a folder, no permission
-        print(f"error: --out {out} cannot be written ({e.strerror or e}); choose another path.", file=sys.stderr)
+    except OSError as e:  # --out cannot be written: a full disk, its folder is a file, it is a folder, no permission
+        full = disk_full(e)
+        print(f"error: {full_disk_message(full)}" if full else
+              f"error: --out {out} cannot be written ({e.strerror or e}); choose another path.", file=sys.stderr)
         return 2
     print(f"Wrote {out}: a DiNa-LRM DRM keeping {metadata['drm.blocks']} blocks (adapter format: connect the SD3.5-Medium "
           f"MODEL to DRM Loader). Scores are raw, higher is better; DRM Score Latent noises clean latents to sigma "

@@ -48,6 +48,11 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # unknown TOML keys; nan and inf
 
+    # every trainer's; its flag comes last in --help (add_arguments), after the trainer's own `resume`
+    resume_with_new_lr: bool = field(False, "with --resume: continue with the lr given now instead of the run's "
+                                            "(e.g. a lower one after the run diverged); without it, --resume "
+                                            "refuses an lr other than the run's")
+
     def __init__(self, /, **values) -> None:
         try:
             super().__init__(**values)
@@ -142,7 +147,8 @@ def check_files(config: Settings, required: dict[str, str], optional: tuple[str,
 def add_arguments(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
     """--config FILE plus one flag per field; unset flags stay None so the TOML value wins."""
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with any of the fields below")
-    for name, info in cls.model_fields.items():
+    fields = sorted(cls.model_fields.items(), key=lambda item: item[0] in Settings.model_fields)  # shared ones last
+    for name, info in fields:
         flag = "--" + name.replace("_", "-")
         help_text = info.description
         if "(default:" not in help_text:  # a help that explains its empty default says it already

@@ -13,7 +13,6 @@ Everything is made on the spot; nothing is downloaded. Its pictures are noise: `
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def tiny_demo(root: Path, seed: int, drm_steps: int, grpo_iterations: int) -> di
     from ..reward.train import train_drm
     from .synthetic import synthetic_latent_pairs, tiny_dina_snapshot, tiny_vae_state_dict
     from .tiny import tiny_conditioning, tiny_generator_state_dict
-    from .world_demo import stage
+    from .world_demo import stage, write_json
 
     start = time.perf_counter()
     for sub in ("models", "data"):
@@ -119,7 +118,7 @@ def tiny_demo(root: Path, seed: int, drm_steps: int, grpo_iterations: int) -> di
             print(f"{label:<22}{name:<22}{score:>15.4f}")
 
     summary = {"drm_eval": accuracy, "grpo_eval_rewards": rewards, "seconds": round(time.perf_counter() - start, 1)}
-    (root / "demo.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_json(root / "demo.json", summary)
     print("\nDRM held-out accuracy by noise level: "
           + ", ".join(f"sigma {k[10:].replace('_', '-')}: {v:.2f}" for k, v in accuracy.items() if k.startswith("acc_")))
     print(f"Step-GRPO eval reward (ODE samples, DRM): {rewards[0]:+.3f} before -> {rewards[-1]:+.3f} after")

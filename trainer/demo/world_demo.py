@@ -133,7 +133,7 @@ def world_demo(root: Path, seed: int, samples_per_prompt: int, drm_steps: int, g
     summary = {"setup": setup, "pairs": stats, "drm_eval": accuracy,
                "samplers": {k: {m: v for m, v in r.items() if m != "images"} for k, r in table.items()},
                "seconds": round(time.perf_counter() - start, 1)}
-    (root / "demo.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_json(root / "demo.json", summary)
     print(f"Figures in {figures}: euler_vs_stepwise.png, grpo_before_after.png, drm_accuracy_by_sigma.png; "
           f"the Step-GRPO reward curve is grpo/reward_curve.png")
     settings = {"seed": seed, "samples_per_prompt": samples_per_prompt, "drm_steps": drm_steps,
@@ -198,13 +198,15 @@ def install(prompts, drm_file: Path, lora_file: Path, models: Path) -> None:
     """Copy what the example workflows name into ComfyUI's model folders: the world model and VAE, the
     DRM, the LoRA, and every prompt of `prompts` (the world's PromptBank) as cached conditioning (plus
     world-empty, the negative)."""
+    from drm.files import atomic_path
+
     from .world_data import GENERATOR, VAE, WORLD_DIR, save_conditioning_files
 
     copies = {WORLD_DIR / GENERATOR: models / "diffusion_models" / GENERATOR, WORLD_DIR / VAE: models / "vae" / VAE,
               drm_file: models / "drm" / drm_file.name, lora_file: models / "loras" / lora_file.name}
     for source, target in copies.items():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        with atomic_path(target) as tmp:  # a full disk leaves no half-copied model for ComfyUI to list
+            shutil.copyfile(source, tmp)
     count = save_conditioning_files(prompts, models / "drm_conditioning")
     print(f"Installed the world model, its VAE, {drm_file.name}, {lora_file.name} and {count} cached "
           f"prompts into {models}: the example workflows in workflows/ now run as they are.")
@@ -230,14 +232,19 @@ def finish(root: Path, settings: dict, drm_file: Path, lora_file: Path, others: 
     """Write <root>/FINISHED, the demo's last act: `settings` (seed, samples_per_prompt, drm_steps,
     grpo_iterations), world_digests(), the DRM and LoRA files' paths relative to `root`, and the SHA-256 of
     those and of `others` (the summary and figures). Written whole or not at all (drm.files.atomic_path)."""
-    from drm.files import atomic_path
-
     made = [drm_file, lora_file, *others]
     record = {"demo": "world", "settings": settings, "world": world_digests(),
               "drm": drm_file.relative_to(root).as_posix(), "lora": lora_file.relative_to(root).as_posix(),
               "files": {p.relative_to(root).as_posix(): sha256(p) for p in made}}
-    with atomic_path(root / FINISHED) as tmp:
-        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    write_json(root / FINISHED, record)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as indented JSON at `path`, written whole or not at all (drm.files.atomic_path)."""
+    from drm.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def unfinished(root: Path, settings: dict) -> str | None:
@@ -308,6 +315,8 @@ def demo_folder(root: Path) -> Iterator[Path]:
     is not an earlier demo's (no MARKER), one that holds anything a demo does not write, and one this
     process cannot write to. A folder another run is writing into is refused by the lock.
     """
+    from drm.files import DiskFull, atomic_path
+
     from ..runs import out_lock
 
     blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
@@ -321,8 +330,10 @@ def demo_folder(root: Path) -> Iterator[Path]:
             raise ValueError(f"out: {root} holds {', '.join(strangers[:3])}, which no demo writes; move "
                              f"{'it' if len(strangers) == 1 else 'them'} out, or choose another --out")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / MARKER).write_text(MARKER_TEXT, encoding="utf-8")  # also proves that the folder is writable
+        with atomic_path(root / MARKER) as tmp:  # also proves that the folder is writable
+            tmp.write_text(MARKER_TEXT, encoding="utf-8")
+    except DiskFull:
+        raise
     except OSError as e:
         raise ValueError(f"out: cannot write into {root} ({e.strerror or e}); choose a folder you can write to") from None
     with out_lock(root):

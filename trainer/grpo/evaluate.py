@@ -14,6 +14,10 @@ EVAL_NOISE_SEED = 12345  # the same starting noise at every evaluation
 EVAL_RENOISE_SEED = 54321  # the same re-noising (DiNa-LRM) at every evaluation, apart from the starting noise
 
 
+class NonFiniteLatents(ValueError):
+    """The policy's latents hold NaN or infinite values, so no reward can be given to them."""
+
+
 def bank_conditioning(bank, device) -> Conditioning:
     """A prompt bank's rows as the rollout's Conditioning, on `device`."""
     lengths = None if bank.context_length is None else bank.context_length.to(device)
@@ -36,8 +40,12 @@ def drm_reward(drm, cond: Conditioning, x: torch.Tensor, sigma, seed: int | list
 
     A DRM whose file recommends a noise level (DiNa-LRM: 0.4) scores latents below it noised forward to it, as
     its authors score clean latents: LoadedDRM.score_noised, with noise from `seed` (one int for the batch, or
-    one per row: rows with equal seeds get equal noise).
+    one per row: rows with equal seeds get equal noise). Raises NonFiniteLatents for NaN or infinite latents
+    (the trainer words what that means; the DRM's own message speaks of ComfyUI's samplers).
     """
+    if not torch.isfinite(x).all():
+        raise NonFiniteLatents(f"{(~torch.isfinite(x)).flatten(1).any(1).sum().item()} of {len(x)} latents at sigma "
+                               f"{float(sigma):.3f} hold NaN or infinite values")
     return drm.score_noised(x, float(sigma), cond.context, cond.pooled, drm.recommended_noise_sigma(), seed,
                             context_length=cond.context_length)
 

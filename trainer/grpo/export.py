@@ -33,24 +33,26 @@ def export_lora(lora, cfg: GRPOConfig, base_name: str, iteration: int, path: Pat
                     lora_metadata(cfg, base_name, iteration))
 
 
-def save_state(out: Path, lora, ema, optimizer, scheduler, iteration: int) -> None:
+def save_state(out: Path, lora, ema, optimizer, scheduler, iteration: int, largest_at_start: float) -> None:
     """LoRA, optimizer, scheduler, iteration and EMA: everything --resume needs (rollout noise derives from
-    (seed, iteration), so there is no RNG state to keep)."""
+    (seed, iteration), so there is no RNG state to keep), and the run's WeightWatch start."""
     save_checkpoint(out, lora.state_dict(), {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                             "iteration": iteration, "ema": ema})
+                                             "iteration": iteration, "ema": ema,
+                                             "largest_weight_at_start": largest_at_start})
 
 
-def load_state(out: Path, lora, optimizer, scheduler) -> tuple[int, list | None]:
-    """Restore what save_state wrote into `lora`, `optimizer` and `scheduler`; returns (iteration, EMA weights)."""
+def load_state(out: Path, lora, optimizer, scheduler) -> tuple[int, list | None, float | None]:
+    """Restore what save_state wrote into `lora`, `optimizer` and `scheduler`; returns (iteration, EMA weights,
+    the largest trained weight at the run's start, if saved)."""
     tensors, state = load_checkpoint(out)
     lora.load_state_dict(tensors)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return state["iteration"], state["ema"]
+    return state["iteration"], state["ema"], state.get("largest_weight_at_start")
 
 
 def save_snapshot(accelerator, out: Path, lora, ema, optimizer, scheduler, iteration: int, cfg: GRPOConfig,
-                  base_name: str) -> None:
+                  base_name: str, largest_at_start: float) -> None:
     """The main process writes loras/<base>-<iteration>.safetensors (EMA weights, if any), then the checkpoint;
     every process waits for it."""
     if accelerator.is_main_process:
@@ -58,7 +60,7 @@ def save_snapshot(accelerator, out: Path, lora, ema, optimizer, scheduler, itera
         # must leave the snapshot to be rewritten, never a checkpoint whose snapshot is missing.
         with swapped_in(list(lora.parameters()), ema):
             export_lora(lora, cfg, base_name, iteration, out / "loras" / f"{base_name}-{iteration:05d}.safetensors")
-        save_state(out, lora, ema, optimizer, scheduler, iteration)
+        save_state(out, lora, ema, optimizer, scheduler, iteration, largest_at_start)
     accelerator.wait_for_everyone()
 
 

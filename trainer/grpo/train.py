@@ -21,15 +21,25 @@ from ..config import ConfigError
 from ..figures import eval_grid_png, reward_curve_png
 from ..runs import (
     RunInterrupted,
+    WeightWatch,
     append_csv,
+    diverged,
     remove_files_after,
     rewind_metrics,
     stop_on_signals,
+    use_lr,
     warmup_scheduler,
     write_run_file,
 )
 from .config import GRPOConfig
-from .evaluate import bank_conditioning, check_prompt_padding, evaluate, latent_images, prompt_reward
+from .evaluate import (
+    NonFiniteLatents,
+    bank_conditioning,
+    check_prompt_padding,
+    evaluate,
+    latent_images,
+    prompt_reward,
+)
 from .export import export_lora, load_state, save_snapshot, swapped_in
 from .rollout import group_rows, policy_loss, rollout_grpo, rollout_step_grpo
 
@@ -100,7 +110,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from drm.runtime import load_drm
+    from drm.runtime import NonFiniteScores, load_drm
     from drm.stepwise import schedule_sigmas
 
     from ..models import load_base
@@ -133,12 +143,18 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     params = list(policy.lora.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_scheduler(optimizer, cfg.warmup_steps)
-    iteration, ema = load_state(out, policy.lora, optimizer, scheduler) if cfg.resume else (0, None)
-    if cfg.resume and iteration >= cfg.iterations:
+    iteration, ema, largest_at_start = (load_state(out, policy.lora, optimizer, scheduler) if cfg.resume
+                                        else (0, None, None))
+    if cfg.resume:
+        use_lr(optimizer, scheduler, cfg.lr)  # the run's own, unless --resume-with-new-lr changed it
+    final = out / f"{base.name}-{cfg.algorithm}.safetensors"
+    # a run stopped (by a full disk) after its last checkpoint but before its LoRA resumes to write it
+    if cfg.resume and iteration >= cfg.iterations and final.exists():
         raise ConfigError(f"iterations: the run in {cfg.out} already finished {iteration} iterations; to train on, "
                           f"resume with --iterations above {iteration}")
     if cfg.ema and ema is None:
         ema = [p.detach().clone() for p in params]
+    watch, first_iteration = WeightWatch(params, largest_at_start), iteration
     # Only the optimizer: DDP cannot wrap the LoRA, whose weights act through hooks inside ComfyUI's model and
     # never through a forward of its own, so DDP's gradient hooks would not fire; accelerate's reduce below
     # averages the gradients over the processes instead.
@@ -159,15 +175,32 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         # Flow-GRPO's global_std: the std of every process's rewards (all ranks reach this point together)
         return group_advantages(rewards, std_of=accelerator.gather(rewards.contiguous()))
 
+    def not_finite(what: str, error: ValueError | None = None) -> ValueError:
+        """The error for NaN or infinite outputs (`what`, e.g. "the rollouts of iteration 3 gave NaN or infinite
+        latents") of the weights of `iteration`: divergence once this run has changed them; before, the settings
+        or the files are the cause (a DRM's NonFiniteScores `error` says which; its text speaks of ComfyUI's
+        samplers, so it is shown only then)."""
+        if iteration > first_iteration:
+            return diverged(cfg, f"training diverged: {what}", failed=iteration)
+        fix = (str(error) if isinstance(error, NonFiniteScores) else
+               f"lower cfg (now {cfg.cfg:g}) or eta (now {cfg.eta:g}), or check the base model file")
+        return ValueError(f"{what} before this run changed the LoRA, so the learning rate is not the cause: {fix}")
+
     def run_eval(tag: str) -> float:
         with swapped_in(params, ema):
-            value, samples = evaluate(policy, drm, eval_bank, cfg, sigmas, shape, device)
+            try:
+                value, samples = evaluate(policy, drm, eval_bank, cfg, sigmas, shape, device)
+            except NonFiniteLatents:
+                raise not_finite(f"the evaluation after iteration {iteration} gave NaN or infinite latents") from None
+            except NonFiniteScores as e:
+                raise not_finite(f"the DRM gave NaN or infinite rewards in the evaluation after iteration {iteration}",
+                                 e) from None
         if accelerator.is_main_process:
             eval_grid_png(latent_images(samples, base), out / "eval" / f"{tag}.png", columns=len(eval_bank))
         return value
 
     def save(at: int) -> None:
-        save_snapshot(accelerator, out, policy.lora, ema, optimizer, scheduler, at, cfg, base.name)
+        save_snapshot(accelerator, out, policy.lora, ema, optimizer, scheduler, at, cfg, base.name, watch.start)
 
     per_rank = cfg.batch_size // world
     positions = range(rank * per_rank, (rank + 1) * per_rank)
@@ -184,14 +217,19 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             rows_before = {"model_rows": policy.forward_rows, "drm_rows": drm.scored_rows}  # the cost counters
             totals: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                stats = micro_step(cfg, policy, drm, bank, iteration, micro, positions, sigmas, shape, device,
-                                   advantages_of)
+                try:
+                    stats = micro_step(cfg, policy, drm, bank, iteration, micro, positions, sigmas, shape, device,
+                                       advantages_of)
+                except NonFiniteLatents:
+                    raise not_finite(f"the rollouts of iteration {iteration + 1} gave NaN or infinite latents") from None
+                except NonFiniteScores as e:
+                    raise not_finite(f"the DRM gave NaN or infinite rewards to the rollouts of iteration "
+                                     f"{iteration + 1}", e) from None
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
             if not math.isfinite(totals["loss"]):
-                raise ValueError(f"the policy loss is {totals['loss']} at iteration {iteration + 1}, so this step is not "
-                                 "applied; the last checkpoint in out is intact. Lower lr, or set clip_range and "
-                                 "grad_clip; resume with --resume.")
+                raise not_finite(f"the policy loss of iteration {iteration + 1} is {totals['loss']} (its step is not "
+                                 "applied)")
             if world > 1:  # data parallel over the LoRA parameters: the mean of the processes' gradients
                 for p, grad in zip(params, accelerator.reduce([p.grad for p in params], "mean")):
                     p.grad = grad
@@ -205,6 +243,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                     for shadow, p in zip(ema, params):
                         shadow.lerp_(p, 1 - cfg.ema)
             iteration += 1
+            problem = watch.problem()  # before anything is saved: a checkpoint never holds diverged weights
+            if problem:
+                raise diverged(cfg, f"training diverged at iteration {iteration}: {problem}")
 
             reward_key = "step_reward" if cfg.algorithm == "step-grpo" else "terminal_reward"
             row = {"iteration": iteration, "reward": totals[reward_key], "loss": totals["loss"],
@@ -228,8 +269,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         message = f"Interrupted at iteration {iteration}; a checkpoint is saved. Continue with --resume."
         raise RunInterrupted(message)  # the command line prints it; the demo says it in its own words
     save(iteration)
+    if not last:  # resumed after its last iteration (to write the LoRA): the same evaluation as the loop's last
+        last = {"iteration": iteration, "eval_reward": run_eval(f"step{iteration:04d}")}
     if accelerator.is_main_process:
-        final = out / f"{base.name}-{cfg.algorithm}.safetensors"
         with swapped_in(params, ema):
             export_lora(policy.lora, cfg, base.name, iteration, final)
         reward_curve_png(metrics_file, out / "reward_curve.png", f"{cfg.algorithm} on {base.name}")

@@ -20,6 +20,18 @@ class DRMTrainConfig(Settings):
     resolution: Resolution = field(512, "training resolution in pixels (multiple of 16)")
     t5_length: int = field(77, "image data: T5 tokens are padded to at least this many (ComfyUI's default 77; the "
                                "DRM authors use 512); recorded in the DRM file, for ComfyUI's T5TokenizerOptions", ge=1)
+    prompt_text: Literal["comfyui", "plain"] = field(
+        "comfyui", "image data: comfyui encodes prompts as ComfyUI's CLIPTextEncode does (\"(red)\" is red at weight "
+                   "1.1; long prompts get more 77-token CLIP chunks); plain as the DRM authors: plain text, CLIP cut "
+                   "at 77 tokens, T5 cut at t5_length", expected="one of ('comfyui', 'plain')")
+    image_resize: Literal["crop", "squash"] = field(
+        "crop", "image data: crop scales the shorter side to resolution and crops the centre; squash resizes "
+                "straight to the square in 8-bit Pillow, alpha dropped, as the DRM authors",
+        expected="one of ('crop', 'squash')")
+    vae_latent: Literal["mean", "sample"] = field(
+        "mean", "image data: mean trains on the VAE posterior's mean (what ComfyUI's VAE Encode gives); sample "
+                "draws a fresh posterior sample each time a latent is used, as the DRM authors",
+        expected="one of ('mean', 'sample')")
     min_confidence: float = field(0.0, "drop pairs whose confidence is below this")
     on_bad_image: Literal["stop", "skip"] = field("stop", "a missing or unreadable image: stop, or skip the pair",
                                                   expected="one of ('stop', 'skip')")

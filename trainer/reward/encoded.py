@@ -10,6 +10,9 @@ Output (`encode_pairs`, `EncodedPairs.save` / `EncodedPairs.load`): one safetens
     pooled        float [P, 2048]       pooled CLIP-L+G text embedding, one row per distinct prompt
     prompt_index  int   [N]             row of context/pooled for each pair
     context_length int  [P]             optional: the tokens each prompt really has (default: all T)
+    preferred_std, rejected_std         optional, float [N, 16, h, w]: the VAE posterior's standard deviation
+                                        of each latent (then preferred/rejected are its mean), for training on
+                                        posterior samples (vae_latent = "sample", as the DRM authors)
     metadata "prompts"  JSON list of the P prompt strings (optional; used in logs and reports)
 
 Users who encode elsewhere can write this layout themselves (safetensors.torch.save_file) and pass
@@ -24,19 +27,20 @@ tokens change what the MMDiT computes.
 Cache (`cache_dir`): one safetensors file per image latent and per prompt, written atomically, so a
 second run, or a run after an interruption, encodes only what is new:
 
-    cache_dir/latents/<k[:2]>/<k>.safetensors   "latent" [16, h, w];
-        k = sha256 of (absolute image path, file size, mtime in ns, resolution, vae_id)
+    cache_dir/latents/<k[:2]>/<k>.safetensors   "latent" [16, h, w] (and "std" [16, h, w] once sampling wanted it);
+        k = sha256 of (absolute image path, file size, mtime in ns, resolution, vae_id[, image resize unless crop])
     cache_dir/prompts/<k[:2]>/<k>.safetensors   "context" [T, C], "pooled" [D];
         k = sha256 of (prompt text, text_encoder_id)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,14 +50,17 @@ from tqdm import tqdm
 from drm.checkpoint import DRMCheckpointError, HeaderNotUTF8, read_safetensors
 from drm.files import atomic_save
 
-from .images import check_resolution, load_image
+# clip_prompt_encoder lived here before encoders.py; importers still use this name
+from .encoders import PromptEncoder, clip_prompt_encoder, gaussian_posterior, posterior_std  # noqa: F401
+from .images import IMAGE_RESIZES, check_resolution, load_image
 from .pairs import DatasetError, PairRecord, UnreadableImage
 
 log = logging.getLogger(__name__)
 
-PromptEncoder = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
 BAD_IMAGE_POLICIES = ("stop", "skip")
+VAE_LATENTS = ("mean", "sample")
 TENSOR_KEYS = ("preferred", "rejected", "context", "pooled", "prompt_index")
+STD_KEYS = ("preferred_std", "rejected_std")
 
 
 @dataclass(eq=False)
@@ -68,6 +75,8 @@ class EncodedPairs:
     prompts: list[str]
     skipped: int = 0
     context_length: torch.Tensor | None = None  # [P] tokens each prompt really has (None: all T)
+    preferred_std: torch.Tensor | None = None  # [N, C, h, w] posterior std of each latent (None: not kept)
+    rejected_std: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         p, r, c, pooled, idx = self.preferred, self.rejected, self.context, self.pooled, self.prompt_index
@@ -88,6 +97,26 @@ class EncodedPairs:
         if lengths is not None and (lengths.shape != (c.shape[0],) or lengths.min() < 1 or lengths.max() > c.shape[1]):
             raise DatasetError(f"context_length must be [P] = [{c.shape[0]}] token counts in 1..{c.shape[1]}; got "
                                f"{lengths.tolist()[:8]}.")
+        stds = (self.preferred_std, self.rejected_std)
+        if any(t is not None for t in stds) and not all(t is not None and t.shape == p.shape for t in stds):
+            raise DatasetError(f"preferred_std and rejected_std must both be given, each shaped as the latents "
+                               f"{list(p.shape)}; got {[None if t is None else list(t.shape) for t in stds]}.")
+
+    def latents(self, index: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """VAE-space latents [2n, C, h, w] of pairs `index` [n], preferred rows first: the stored latents, or, with
+        `posterior_noise` [2, n, C, h, w] (N(0, I)), the posterior samples mean + std * noise.
+
+        The DRM authors draw a fresh posterior sample each time an image is used (their train.py:490, :505,
+        diffusers' latent_dist.sample()). Raises DatasetError when no std is stored.
+        """
+        mean = torch.cat([self.preferred[index], self.rejected[index]])
+        if posterior_noise is None:
+            return mean
+        if self.preferred_std is None:
+            raise DatasetError("vae_latent = sample needs each latent's posterior std, and these pairs have none: "
+                               "encode them from a pairs .json/.jsonl with vae_latent = sample, or train on the mean.")
+        std = torch.cat([self.preferred_std[index], self.rejected_std[index]])
+        return mean + std * posterior_noise.flatten(0, 1)
 
     def __len__(self) -> int:
         return len(self.preferred)
@@ -97,6 +126,8 @@ class EncodedPairs:
         tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in TENSOR_KEYS}
         if self.context_length is not None:
             tensors["context_length"] = self.context_length.contiguous().cpu()
+        if self.preferred_std is not None:
+            tensors.update({name: getattr(self, name).contiguous().cpu() for name in STD_KEYS})
         atomic_save(tensors, path, {"drm.data": "encoded-pairs", "prompts": json.dumps(self.prompts),
                                     "skipped": str(self.skipped)})
 
@@ -118,7 +149,8 @@ class EncodedPairs:
         if missing:
             raise DatasetError(f"encoded pairs file {path} lacks tensor(s) {', '.join(missing)} (it holds "
                                f"{', '.join(sorted(tensors)[:6])}). {how}")
-        for name in TENSOR_KEYS:
+        stds = [k for k in STD_KEYS if k in tensors]
+        for name in TENSOR_KEYS + tuple(stds):
             dtype = tensors[name].dtype
             if name == "prompt_index" and (dtype.is_floating_point or dtype == torch.bool):
                 raise DatasetError(f"encoded pairs file {path}: prompt_index has dtype {dtype}; expected integers. {how}")
@@ -135,7 +167,7 @@ class EncodedPairs:
             raise DatasetError(f"encoded pairs file {path}: metadata 'prompts' must be a JSON list of strings. {how}")
         try:
             lengths = tensors.get("context_length")
-            pairs = cls(**{name: tensors[name].float() for name in TENSOR_KEYS[:4]},
+            pairs = cls(**{name: tensors[name].float() for name in TENSOR_KEYS[:4] + tuple(stds)},
                         prompt_index=tensors["prompt_index"].long(), prompts=prompts, skipped=skipped,
                         context_length=None if lengths is None else lengths.long())
         except DatasetError as e:
@@ -143,7 +175,7 @@ class EncodedPairs:
         if not len(pairs):
             raise DatasetError(f"encoded pairs file {path} holds no pairs. {how}")
         # checked here, not on every construction: subsets of a checked set need no second pass
-        for name in TENSOR_KEYS[:4]:
+        for name in TENSOR_KEYS[:4] + tuple(stds):
             if not torch.isfinite(getattr(pairs, name)).all():
                 raise DatasetError(f"encoded pairs file {path}: {name} holds NaN or infinite values. {how}")
         return pairs
@@ -151,8 +183,9 @@ class EncodedPairs:
     def subset(self, indices: Sequence[int] | torch.Tensor) -> EncodedPairs:
         """The pairs at `indices`, sharing this object's prompt conditioning."""
         indices = torch.as_tensor(indices, dtype=torch.long)
+        stds = [None if t is None else t[indices] for t in (self.preferred_std, self.rejected_std)]
         return EncodedPairs(self.preferred[indices], self.rejected[indices], self.context, self.pooled,
-                            self.prompt_index[indices], self.prompts, self.skipped, self.context_length)
+                            self.prompt_index[indices], self.prompts, self.skipped, self.context_length, *stds)
 
     def split(self, holdout_fraction: float, seed: int = 0) -> tuple[EncodedPairs, EncodedPairs]:
         """(train, held-out), split by prompt: no prompt, and so no pair's images, is on both sides.
@@ -180,23 +213,6 @@ class EncodedPairs:
 
 # ---------------------------------------------------------------------------------------------
 # Encoding through ComfyUI
-
-
-def clip_prompt_encoder(clip, t5_length: int = 77) -> PromptEncoder:
-    """A prompt encoder from a ComfyUI CLIP object: prompt -> (context [1, T, C], pooled [1, D]).
-
-    T5's tokens are padded to at least `t5_length` (ComfyUI's tokenizer option t5xxl_min_length; its
-    default is 77, the DRM authors use 512, Flow-GRPO 128, DiNa-LRM 128 or 256). A DRM scores prompts
-    encoded the way it was trained on best: in ComfyUI, the T5TokenizerOptions node sets the same.
-    """
-
-    @torch.no_grad()  # the encoders' weights keep requires_grad; no graph is wanted
-    def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = clip.tokenize(prompt, tokenizer_options={"t5xxl_min_length": t5_length})
-        context, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-        return context, pooled
-
-    return encode
 
 
 def _cache_file(cache_dir: Path | None, kind: str, *identity: object) -> Path | None:
@@ -230,6 +246,8 @@ def encode_pairs(
     on_bad_image: str = "stop",
     batch_size: int = 8,
     progress: bool = True,
+    image_resize: str = "crop",
+    vae_latent: str = "mean",
 ) -> EncodedPairs:
     """Encode every pair's images with `vae` (a comfy.sd.VAE) and every prompt with `encode_prompt`.
 
@@ -237,17 +255,25 @@ def encode_pairs(
     changes, or stale latents are reused. `cache_dir=None` disables the cache. With
     on_bad_image="stop" a missing or unreadable image raises DatasetError; with "skip" every pair
     using it is dropped with one warning each, and counted in the result's `skipped`.
+    `image_resize` goes to load_image ("crop", or the authors' "squash"); with `vae_latent` "sample" the
+    result also holds each latent's posterior std (posterior_std), for drawing samples from it.
     """
     check_resolution(resolution)
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}.")
+    if image_resize not in IMAGE_RESIZES or vae_latent not in VAE_LATENTS:
+        raise ValueError(f"image_resize must be one of {IMAGE_RESIZES} and vae_latent one of {VAE_LATENTS}, got "
+                         f"{image_resize!r} and {vae_latent!r}.")
+    if vae_latent == "sample":
+        gaussian_posterior(vae)  # a VAE without one is refused before any image is read
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     if not records:
         raise DatasetError("no pairs to encode.")
     cache = Path(cache_dir) if cache_dir is not None else None
 
-    latents, bad = _encode_images(records, vae, resolution, cache, vae_id, on_bad_image, batch_size, progress)
+    latents, stds, bad = _encode_images(records, vae, resolution, image_resize, vae_latent == "sample", cache, vae_id,
+                                        on_bad_image, batch_size, progress)
     kept = []
     for record in records:
         reason = bad.get(record.preferred) or bad.get(record.rejected)
@@ -267,45 +293,63 @@ def encode_pairs(
         rejected=torch.stack([latents[r.rejected] for r in kept]),
         context=context, pooled=pooled,
         prompt_index=torch.tensor([row[r.prompt] for r in kept], dtype=torch.long),
-        prompts=prompts, skipped=len(records) - len(kept), context_length=lengths)
+        prompts=prompts, skipped=len(records) - len(kept), context_length=lengths,
+        preferred_std=torch.stack([stds[r.preferred] for r in kept]) if stds else None,
+        rejected_std=torch.stack([stds[r.rejected] for r in kept]) if stds else None)
 
 
-def _encode_images(records: Sequence[PairRecord], vae, resolution: int, cache: Path | None, vae_id: str,
-                   on_bad_image: str, batch_size: int, progress: bool,
-                   ) -> tuple[dict[Path, torch.Tensor], dict[Path, str]]:
-    """({image path: latent [C, h, w]}, {bad image path: reason}); each distinct image is encoded once."""
+def _encode_images(records: Sequence[PairRecord], vae, resolution: int, image_resize: str, sample: bool,
+                   cache: Path | None, vae_id: str, on_bad_image: str, batch_size: int, progress: bool,
+                   ) -> tuple[dict[Path, torch.Tensor], dict[Path, torch.Tensor], dict[Path, str]]:
+    """({image path: latent [C, h, w]}, {image path: posterior std [C, h, w]} (empty unless `sample`),
+    {bad image path: reason}); each distinct image is encoded once."""
     first_use: dict[Path, PairRecord] = {}  # for error messages
     for record in records:
         first_use.setdefault(record.preferred, record)
         first_use.setdefault(record.rejected, record)
     latents: dict[Path, torch.Tensor] = {}
+    stds: dict[Path, torch.Tensor] = {}
     bad: dict[Path, str] = {}
     pending: list[tuple[Path, Path | None, torch.Tensor]] = []  # (image, cache file, pixels)
+    wanted = ("latent", "std") if sample else ("latent",)
+    # crop's keys are those from before squash existed, so their caches stay valid
+    resize_key = () if image_resize == "crop" else (image_resize,)
 
     def flush() -> None:
-        with torch.no_grad():  # ComfyUI's VAE keeps requires_grad on its weights
+        with torch.no_grad(), (posterior_std(vae) if sample else contextlib.nullcontext([])) as std_parts:
             out = vae.encode(torch.stack([pixels for _, _, pixels in pending])).float().cpu()
         if out.ndim != 4 or len(out) != len(pending):
             raise RuntimeError(f"vae.encode returned {list(out.shape)} for {len(pending)} images; expected [B, C, h, w].")
-        if not torch.isfinite(out).all():
+        std = torch.cat(std_parts) if std_parts else None
+        if sample and (std is None or std.shape != out.shape):
+            raise RuntimeError(f"the VAE encoded {', '.join(str(i) for i, _, _ in pending)} in tiles (short of "
+                               "memory), so the posterior's std of each latent could not be read for vae_latent = "
+                               "sample. Free memory (a smaller batch, the VAE on another device) or use vae_latent = mean.")
+        if not torch.isfinite(out).all() or (std is not None and not torch.isfinite(std).all()):
             # a known failure of SD VAEs in float16; nothing of this batch is cached
             raise RuntimeError(f"the VAE returned NaN or infinite latents for {', '.join(str(i) for i, _, _ in pending)}. "
                                "Run the VAE in float32 (ComfyUI's --fp32-vae).")
-        for (image, file, _), latent in zip(pending, out):
-            latents[image] = latent.clone()  # not a view: the batch's storage is not kept alive
+        for row, (image, file, _) in enumerate(pending):
+            latents[image] = out[row].clone()  # not a view: the batch's storage is not kept alive
+            tensors = {"latent": latents[image]}
+            if std is not None:
+                stds[image] = tensors["std"] = std[row].clone()
             if file is not None:
-                atomic_save({"latent": latents[image]}, file, {"image": str(image), "vae_id": vae_id})
+                atomic_save(tensors, file, {"image": str(image), "vae_id": vae_id})
         pending.clear()
 
     for image in tqdm(first_use, desc="encoding images", unit="image", disable=not progress):
         try:
             stat = image.stat()
-            file = _cache_file(cache, "latents", str(image.absolute()), stat.st_size, stat.st_mtime_ns, resolution, vae_id)
-            cached = _read_cache(file, ("latent",))
+            file = _cache_file(cache, "latents", str(image.absolute()), stat.st_size, stat.st_mtime_ns, resolution,
+                               vae_id, *resize_key)
+            cached = _read_cache(file, wanted)
             if cached is not None:
                 latents[image] = cached["latent"].float()
+                if sample:
+                    stds[image] = cached["std"].float()
                 continue
-            pending.append((image, file, load_image(image, resolution)))
+            pending.append((image, file, load_image(image, resolution, image_resize)))
         except (OSError, UnreadableImage) as e:
             reason = str(e) if isinstance(e, UnreadableImage) else f"image {image} cannot be read ({e.strerror})"
             if on_bad_image == "stop":
@@ -318,7 +362,7 @@ def _encode_images(records: Sequence[PairRecord], vae, resolution: int, cache: P
             flush()
     if pending:
         flush()
-    return latents, bad
+    return latents, stds, bad
 
 
 def encode_prompts(prompts: list[str], encode_prompt: PromptEncoder, cache: Path | None, text_encoder_id: str,

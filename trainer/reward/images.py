@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from drm.official import squash_8bit
+
 from .pairs import UnreadableImage
 
 
@@ -21,8 +23,15 @@ def check_resolution(resolution: int) -> None:
 MAX_ASPECT = 8  # longest side / shortest side an image may have
 
 
-def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
+IMAGE_RESIZES = ("crop", "squash")
+
+
+def load_image(path: str | os.PathLike, resolution: int, resize: str = "crop") -> torch.Tensor:
     """An image file as float32 [resolution, resolution, 3] (rows, columns, RGB), values in [0, 1].
+
+    `resize` "squash" reads it as the DRM authors do (drm.official.squash_8bit: Pillow's 8-bit RGB, alpha
+    dropped, no EXIF rotation, bicubic straight to the square); 16-bit and float grey images, which that
+    conversion would clip to white, are refused. The rest of this docstring is "crop", the default:
 
     The EXIF orientation is applied, the pixels become RGB floats by the rule for their Pillow mode
     (below), then the shorter side is resized to `resolution` and the center is cropped. The resize
@@ -45,13 +54,18 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     values, or a shape longer than MAX_ASPECT:1.
     """
     check_resolution(resolution)
+    if resize not in IMAGE_RESIZES:
+        raise ValueError(f"resize must be one of {IMAGE_RESIZES}, got {resize!r}.")
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)  # a decoded copy, upright
+            # a decoded copy: upright, or as stored for the authors' reading
+            image = ImageOps.exif_transpose(image) if resize == "crop" else image.copy()
     except FileNotFoundError:
         raise UnreadableImage(f"image {path} does not exist") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"image {path} cannot be decoded ({e})") from None
+    if resize == "squash":
+        return _squash(image, path, resolution)
     if max(image.size) > MAX_ASPECT * min(image.size):
         # the shorter side is scaled to `resolution`, so a 2 x 10000 strip would become 512 x 2.56 million
         raise UnreadableImage(f"image {path} is {image.size[0]}x{image.size[1]} pixels, more than {MAX_ASPECT}:1; "
@@ -65,6 +79,19 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
         pixels = _resize(pixels, size)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     return torch.from_numpy(np.ascontiguousarray(pixels[top:top + resolution, left:left + resolution]))
+
+
+def _squash(image: Image.Image, path, resolution: int) -> torch.Tensor:
+    """load_image's "squash": the authors' reading of an opened Pillow image (drm.official.squash_8bit)."""
+    if image.mode in HIGH_DEPTH_MODES:
+        raise UnreadableImage(f"image {path} is {image.mode} (16-bit, 32-bit or float grey); image_resize = squash "
+                              "reads images through Pillow's 8-bit RGB conversion, as the DRM authors do, which clips "
+                              "such values to white. Use image_resize = crop, or re-save the image as 8-bit.")
+    try:
+        return torch.from_numpy(squash_8bit(image, resolution))
+    except ValueError as e:
+        raise UnreadableImage(f"image {path} has the Pillow mode {image.mode}, which cannot be converted to RGB "
+                              f"({e}). Re-save it as an 8-bit RGB PNG.") from None
 
 
 def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

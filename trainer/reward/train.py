@@ -18,11 +18,14 @@ from torch.nn import functional as F
 from ..config import ConfigError, shareable_dict
 from ..runs import (
     RunInterrupted,
+    WeightWatch,
     append_csv,
+    diverged,
     load_checkpoint,
     rewind_metrics,
     save_checkpoint,
     stop_on_signals,
+    use_lr,
     warmup_scheduler,
     write_run_file,
 )
@@ -56,12 +59,22 @@ def check_pairs_fit(pairs, mmdit, data: str) -> None:
                          "pairs with this base (pass the pairs .json/.jsonl instead of the .safetensors).")
 
 
-def divergence_fix(cfg: DRMTrainConfig) -> str:
-    """What to change when the DRM's scores overflow: the precision first, then the step size."""
-    if cfg.precision != "fp32":
-        return "Use precision fp32 (or a lower lr)."
-    return (f"In fp32 that means the training diverged: lower lr (now {cfg.lr:g})"
-            + (f" or lora_alpha (now {cfg.lora_alpha:g})" if cfg.mode == "adapter" else "") + ".")
+class NonFiniteScores(ValueError):
+    """The DRM's scores are NaN or infinite; the message says where, in the precision it ran in."""
+
+
+def non_finite(cfg: DRMTrainConfig, error: NonFiniteScores, weights_of: int, trained: bool,
+               autocast: bool) -> ValueError:
+    """The error for NaN or infinite scores of the weights after step `weights_of`: divergence (runs.diverged)
+    when this run has `trained` them; otherwise the weights it started from overflow on the data, and the
+    learning rate is not the cause. Precision fp32 is advised only where bf16 ran (autocast: bf16 on a GPU)."""
+    fp32 = "It ran in bf16: --precision fp32 (in a new --out) also keeps the scores finite longer." if autocast else ""
+    if trained:
+        return diverged(cfg, f"training diverged: {error}", fp32, failed=weights_of)
+    cause = ("use --precision fp32" if autocast else
+             "the pairs' latents are far outside the base model's range; encode them with this base's VAE")
+    return ValueError(f"{error}, so this step is not applied. The weights are those the run started from, so the "
+                      f"learning rate is not the cause: {cause}.")
 
 
 # ---- noise levels and evaluation ----
@@ -80,14 +93,16 @@ def sample_sigmas(cfg: DRMTrainConfig, generator: torch.Generator, n: int, shift
 
 
 def pair_scores(drm, pairs, index: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor, latent_format,
-                device, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                device, autocast: bool, posterior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DRM scores of the preferred and rejected latents of pairs `index`, each at its pair's sigma.
 
-    noise: [2, n, C, H, W], independent for each image (preferred first).
+    noise: [2, n, C, H, W], independent for each image (preferred first). posterior: None for the latents as
+    stored (the VAE posterior's mean), or N(0, I) noise [2, n, C, H, W] that draws each latent from its
+    posterior (vae_latent = sample, as the DRM authors; EncodedPairs.latents).
     """
     from drm.conditioning import by_context_length
 
-    x0 = latent_format.process_in(torch.cat([pairs.preferred[index], pairs.rejected[index]]).float())
+    x0 = latent_format.process_in(pairs.latents(index, posterior).float())
     s = sigmas.repeat(2).view(-1, 1, 1, 1)
     x_t = ((1 - s) * x0 + s * noise.flatten(0, 1)).to(device)
     prompt = pairs.prompt_index[index].repeat(2)
@@ -101,7 +116,8 @@ def pair_scores(drm, pairs, index: torch.Tensor, sigmas: torch.Tensor, noise: to
 
 @torch.no_grad()
 def evaluate(drm, pairs, cfg: DRMTrainConfig, latent_format, device, autocast: bool, batch: int = 32) -> dict:
-    """Held-out preference accuracy overall and per sigma bucket, at fixed sigmas and fixed noise."""
+    """Held-out preference accuracy overall and per sigma bucket, at fixed sigmas and fixed noise. Raises
+    NonFiniteScores when a score is NaN or infinite."""
     was_training = drm.training
     drm.eval()
     generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -116,8 +132,8 @@ def evaluate(drm, pairs, cfg: DRMTrainConfig, latent_format, device, autocast: b
                 good, bad = pair_scores(drm, pairs, index, torch.full((len(index),), sigma), noise,
                                         latent_format, device, autocast)
                 if not (torch.isfinite(good).all() and torch.isfinite(bad).all()):
-                    raise ValueError(f"the DRM's held-out scores at sigma {sigma:.3f} are NaN or infinite (precision "
-                                     f"{cfg.precision}); its accuracy would be meaningless. {divergence_fix(cfg)}")
+                    raise NonFiniteScores(f"the DRM's held-out scores at sigma {sigma:.3f} are NaN or infinite "
+                                          f"(precision {'bf16' if autocast else 'fp32'})")
                 correct.append((good > bad).float().cpu())
         correct = torch.cat(correct)
         result[f"acc_sigma_{low:.2f}_{high:.2f}"] = correct.mean().item()
@@ -175,14 +191,16 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
 
 # ---- checkpoints ----
 
-def save_state(out: Path, drm, optimizer, scheduler, step: int) -> None:
+def save_state(out: Path, drm, optimizer, scheduler, step: int, largest_at_start: float) -> None:
     """The trained parameters, optimizer, scheduler and step: everything --resume needs (each step seeds
-    its own randomness from (seed, step), so there is no RNG state to keep)."""
+    its own randomness from (seed, step), so there is no RNG state to keep), and the run's WeightWatch start."""
     save_checkpoint(out, {k: p for k, p in drm.named_parameters() if p.requires_grad},
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step})
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                     "largest_weight_at_start": largest_at_start})
 
 
-def load_state(out: Path, drm, optimizer, scheduler) -> int:
+def load_state(out: Path, drm, optimizer, scheduler) -> tuple[int, float | None]:
+    """Restore what save_state wrote; returns (step, the largest trained weight at the run's start, if saved)."""
     tensors, state = load_checkpoint(out)
     params = dict(drm.named_parameters())
     with torch.no_grad():
@@ -190,17 +208,26 @@ def load_state(out: Path, drm, optimizer, scheduler) -> int:
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return state["step"]
+    return state["step"], state.get("largest_weight_at_start")
+
+
+def drm_path(cfg: DRMTrainConfig, base_name: str) -> Path:
+    """Where the run writes its DRM, last."""
+    return Path(cfg.out) / f"drm-{base_name}-{cfg.mode}.safetensors"
 
 
 def write_drm(cfg: DRMTrainConfig, drm, base_name: str, step: int, metrics: dict) -> Path:
     from drm.checkpoint import save_adapter, save_full
 
-    path = Path(cfg.out) / f"drm-{base_name}-{cfg.mode}.safetensors"
+    path = drm_path(cfg, base_name)
     meta = {"drm.base_model": base_name, "drm.train_mode": cfg.mode, "drm.train_steps": str(step),
             "drm.eval": json.dumps(metrics), "drm.config": json.dumps(shareable_dict(cfg))}
     if not cfg.data.endswith(".safetensors"):  # the trainer encoded the prompts itself, so it knows how
         meta["drm.t5_length"] = str(cfg.t5_length)
+        if cfg.prompt_text == "plain":  # prompts cut at 77 CLIP and t5_length T5 tokens, as the authors'
+            meta["drm.prompt_text"] = "plain"
+        if cfg.image_resize == "squash":  # DRM Score Image's resize "auto" squashes images as in training
+            meta["drm.image_size"] = str(cfg.resolution)
     # adapter and head DRMs run on the base model's own weights, so only their own parts are written
     (save_full if cfg.mode == "full" else save_adapter)(drm, path, meta)
     return path
@@ -230,6 +257,10 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     # The data is read (not yet encoded) first, so a bad file fails before any model loads.
     pre_encoded = cfg.data.endswith(".safetensors")
     pairs = EncodedPairs.load(cfg.data) if pre_encoded else None
+    if pre_encoded and cfg.vae_latent == "sample" and pairs.preferred_std is None:
+        raise ConfigError(f"vae_latent: sample draws each latent from its VAE posterior, and {Path(cfg.data).name} "
+                          "holds no posterior std (preferred_std, rejected_std); pass the pairs .json/.jsonl, which "
+                          "the trainer encodes keeping the std, or use vae_latent = mean")
     records = None if pre_encoded else load_pairs(cfg.data, cfg.min_confidence)
     # bf16 weights only where autocast runs the backbone in bf16; elsewhere the base stays fp32.
     base = load_base(cfg.base, cfg.vae, cfg.clip, need_encoders=not pre_encoded,
@@ -249,10 +280,14 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     params = [p for p in drm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_scheduler(optimizer, cfg.warmup_steps)
-    step = load_state(out, drm, optimizer, scheduler) if cfg.resume else 0
-    if cfg.resume and step >= cfg.max_steps:
+    step, largest_at_start = load_state(out, drm, optimizer, scheduler) if cfg.resume else (0, None)
+    if cfg.resume:
+        use_lr(optimizer, scheduler, cfg.lr)  # the run's own, unless --resume-with-new-lr changed it
+    # a run stopped (by a full disk) after its last checkpoint but before its DRM resumes to write it
+    if cfg.resume and step >= cfg.max_steps and drm_path(cfg, base.name).exists():
         raise ConfigError(f"max_steps: the run in {cfg.out} already finished {step} steps; to train on, resume with "
                           f"--max-steps above {step}")
+    watch, first_step = WeightWatch(params, largest_at_start), step
     model, optimizer = accelerator.prepare(drm, optimizer)
     metrics_file = out / "metrics.csv"
     if accelerator.is_main_process:
@@ -278,14 +313,16 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
             index = epoch_order[torch.arange(start, start + cfg.batch_size) % len(train)]
             sigmas = sample_sigmas(cfg, generator, cfg.batch_size, shift)
             noise = torch.randn((2, cfg.batch_size, *train.preferred.shape[1:]), generator=generator)
+            posterior = (torch.randn((2, cfg.batch_size, *train.preferred.shape[1:]), generator=generator)
+                         if cfg.vae_latent == "sample" else None)
             rank = slice(accelerator.process_index * per_rank, (accelerator.process_index + 1) * per_rank)
             good, bad = pair_scores(model, train, index[rank], sigmas[rank], noise[:, rank], latent_format, device,
-                                    autocast)
+                                    autocast, None if posterior is None else posterior[:, rank])
             loss = -F.logsigmoid(good - bad).mean()
             if not torch.isfinite(loss):
-                raise ValueError(f"the DRM's scores are NaN or infinite at step {step + 1} (precision {cfg.precision}), "
-                                 "so this step is not applied; the last checkpoint in out is intact. "
-                                 f"{divergence_fix(cfg)} Then resume with --resume.")
+                nan = NonFiniteScores(f"the DRM's scores are NaN or infinite at step {step + 1} (precision "
+                                      f"{'bf16' if autocast else 'fp32'})")  # bf16 runs only on a GPU
+                raise non_finite(cfg, nan, step, step > first_step, autocast)
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, cfg.grad_clip)
@@ -293,12 +330,18 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            problem = watch.problem()  # before anything is saved: a checkpoint never holds diverged weights
+            if problem:
+                raise diverged(cfg, f"training diverged at step {step}: {problem}")
 
             row = {"step": step, "loss": accelerator.reduce(loss.detach(), "mean").item(),
                    "train_acc": accelerator.reduce((good > bad).float().mean(), "mean").item(),
                    "lr": scheduler.get_last_lr()[0]}
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last_eval = evaluate(accelerator.unwrap_model(model), heldout, cfg, latent_format, device, autocast)
+                try:
+                    last_eval = evaluate(accelerator.unwrap_model(model), heldout, cfg, latent_format, device, autocast)
+                except NonFiniteScores as e:
+                    raise non_finite(cfg, e, step, True, autocast) from None
                 row.update(last_eval)
             if accelerator.is_main_process:
                 bar.update(1)
@@ -308,11 +351,13 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
                     append_csv(metrics_file, row, COLUMNS)
             stopping = stop_request.agreed(accelerator)
             if step % cfg.save_every == 0 or stopping:
-                _save(accelerator, out, model, optimizer, scheduler, step)
+                _save(accelerator, out, model, optimizer, scheduler, step, watch.start)
     if stopping:
         message = f"Interrupted at step {step}; a checkpoint is saved. Continue with --resume."
         raise RunInterrupted(message)  # the command line prints it; the demo says it in its own words
-    _save(accelerator, out, model, optimizer, scheduler, step)
+    _save(accelerator, out, model, optimizer, scheduler, step, watch.start)
+    if not last_eval:  # resumed after its last step (to write the DRM): the same evaluation as the loop's last
+        last_eval = evaluate(accelerator.unwrap_model(model), heldout, cfg, latent_format, device, autocast)
     if accelerator.is_main_process:
         path = write_drm(cfg, accelerator.unwrap_model(model), base.name, step, last_eval)
         training_curves_png(metrics_file, out / "curves.png", title=f"DRM training ({cfg.mode})")
@@ -321,10 +366,10 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     return last_eval
 
 
-def _save(accelerator, out, model, optimizer, scheduler, step) -> None:
+def _save(accelerator, out, model, optimizer, scheduler, step, largest_at_start) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_state(out, accelerator.unwrap_model(model), optimizer, scheduler, step)
+        save_state(out, accelerator.unwrap_model(model), optimizer, scheduler, step, largest_at_start)
 
 
 COLUMNS = ["step", "loss", "train_acc", "lr", "eval_acc"] + [f"acc_sigma_{low:.2f}_{high:.2f}" for low, high in BUCKETS]
@@ -332,8 +377,11 @@ COLUMNS = ["step", "loss", "train_acc", "lr", "eval_acc"] + [f"acc_sigma_{low:.2
 
 def encode_records(cfg: DRMTrainConfig, base, records):
     """Images and prompts encoded (and cached) with the base's VAE and text encoders."""
-    from .encoded import clip_prompt_encoder, encode_pairs
+    from .encoded import encode_pairs
+    from .encoders import clip_prompt_encoder, prompt_cache_id
 
-    return encode_pairs(records, base.vae, clip_prompt_encoder(base.clip, cfg.t5_length), cfg.resolution,
-                        cfg.cache_dir or Path(cfg.out) / "cache", on_bad_image=cfg.on_bad_image,
-                        vae_id=base.vae_id, text_encoder_id=f"{base.text_encoder_id}:t5xxl_min_length={cfg.t5_length}")
+    return encode_pairs(records, base.vae, clip_prompt_encoder(base.clip, cfg.t5_length, cfg.prompt_text),
+                        cfg.resolution, cfg.cache_dir or Path(cfg.out) / "cache", on_bad_image=cfg.on_bad_image,
+                        vae_id=base.vae_id,
+                        text_encoder_id=prompt_cache_id(base.text_encoder_id, cfg.t5_length, cfg.prompt_text),
+                        image_resize=cfg.image_resize, vae_latent=cfg.vae_latent)
