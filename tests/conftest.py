@@ -122,3 +122,37 @@ def tiny_generator(comfyui):
     sd = tiny_generator_state_dict()
     return sd, comfy.sd.load_diffusion_model_state_dict(dict(sd))
 
+
+
+class FillingFile:
+    """A binary file on a disk with `room` bytes left: a write beyond it writes what fits, then raises ENOSPC."""
+
+    def __init__(self, path, room: int) -> None:
+        self.file, self.room = open(path, "wb"), room
+
+    def write(self, data) -> int:
+        import errno
+
+        data = bytes(data)
+        if len(data) > self.room:
+            self.file.write(data[: self.room])
+            self.room = 0
+            self.file.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.fixture(scope="session")
+def filling_file() -> type[FillingFile]:
+    """FillingFile(path, room): a file opened for writing on a disk that is full after `room` more bytes."""
+    return FillingFile

@@ -88,3 +88,27 @@ def nodes_mod(pack):
 def drm(nodes_mod):
     """The tiny full DRM (tiny-drm.safetensors) through DRM Loader, in fp32."""
     return nodes_mod.loader.DRMLoader.execute("tiny-drm.safetensors", "fp32").args[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_files(comfyui, tmp_path_factory):
+    """The trainers' small inputs: the tiny generator, a random adapter DRM on its first block, 4 pre-encoded
+    prompts and 256 latent pairs (tiny-sd35, drm-tiny-sd35, prompts and pairs .safetensors in one folder)."""
+    import torch
+
+    from drm.files import atomic_save
+    from trainer.demo.synthetic import synthetic_latent_pairs
+    from trainer.demo.tiny import tiny_adapter_drm_state_dict, tiny_conditioning, tiny_generator_state_dict
+    from trainer.prompts import PromptBank
+
+    root = tmp_path_factory.mktemp("tiny-run-files")
+    generator = tiny_generator_state_dict()
+    atomic_save(generator, root / "tiny-sd35.safetensors", {})
+    atomic_save(tiny_adapter_drm_state_dict(generator, blocks=1), root / "drm-tiny-sd35.safetensors",
+                {"drm.format": "adapter", "drm.blocks": "1"})
+    conds = [tiny_conditioning(seed=i, tokens=8) for i in range(4)]
+    PromptBank([f"tiny prompt {i}" for i in range(4)], torch.cat([c[0][0] for c in conds]),
+               torch.cat([c[0][1]["pooled_output"] for c in conds]), torch.zeros(1, 8, 4096),
+               torch.zeros(1, 2048)).save(root / "prompts.safetensors")
+    synthetic_latent_pairs(256, size=8).save(root / "pairs.safetensors")
+    return root

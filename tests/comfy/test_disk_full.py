@@ -25,24 +25,8 @@ FREE = r"\d+\.\d MiB free there"
 
 
 @pytest.fixture(scope="module")
-def files(comfyui, tmp_path_factory) -> Path:
-    """The tiny generator, a random adapter DRM on its first block, 4 pre-encoded prompts and 256 latent pairs."""
-    from drm.files import atomic_save
-    from trainer.demo.synthetic import synthetic_latent_pairs
-    from trainer.demo.tiny import tiny_adapter_drm_state_dict, tiny_conditioning, tiny_generator_state_dict
-    from trainer.prompts import PromptBank
-
-    root = tmp_path_factory.mktemp("disk-full-files")
-    generator = tiny_generator_state_dict()
-    atomic_save(generator, root / "tiny-sd35.safetensors", {})
-    atomic_save(tiny_adapter_drm_state_dict(generator, blocks=1), root / "drm-tiny-sd35.safetensors",
-                {"drm.format": "adapter", "drm.blocks": "1"})
-    conds = [tiny_conditioning(seed=i, tokens=8) for i in range(4)]
-    PromptBank([f"tiny prompt {i}" for i in range(4)], torch.cat([c[0][0] for c in conds]),
-               torch.cat([c[0][1]["pooled_output"] for c in conds]), torch.zeros(1, 8, 4096),
-               torch.zeros(1, 2048)).save(root / "prompts.safetensors")
-    synthetic_latent_pairs(256, size=8).save(root / "pairs.safetensors")
-    return root
+def files(tiny_run_files) -> Path:
+    return tiny_run_files
 
 
 def run(argv) -> int:
@@ -89,33 +73,7 @@ def checkpoint_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "checkpoint").iterdir())}
 
 
-class FillingFile:
-    """A binary file on a disk with `room` bytes left: a write beyond it writes what fits, then raises ENOSPC."""
-
-    def __init__(self, path, room: int) -> None:
-        self.file, self.room = open(path, "wb"), room
-
-    def write(self, data) -> int:
-        data = bytes(data)
-        if len(data) > self.room:
-            self.file.write(data[: self.room])
-            self.room = 0
-            self.file.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
-def fill_state_file(monkeypatch, call: int, seen: dict | None = None) -> dict:
+def fill_state_file(monkeypatch, filling_file, call: int, seen: dict | None = None) -> dict:
     """The `call`-th checkpoint state file (torch.save, through drm.files.atomic_torch_save) meets a full disk
     after 1000 bytes; `seen["before"]` gets the checkpoint folder's bytes at that moment."""
     seen = {} if seen is None else seen
@@ -126,7 +84,7 @@ def fill_state_file(monkeypatch, call: int, seen: dict | None = None) -> dict:
         if len(calls) == call:
             out = Path(path).parents[1]
             seen["before"] = checkpoint_bytes(out) if (out / "checkpoint").is_dir() else {}
-            return FillingFile(path, 1000)
+            return filling_file(path, 1000)
         return open(path, mode)
 
     monkeypatch.setattr(drm.files, "open", opened, raising=False)
@@ -152,13 +110,14 @@ def fill_safetensors(monkeypatch, when) -> dict:
 
 
 def test_a_grpo_checkpoint_that_fills_the_disk_exits_2_keeping_the_last_one_and_resumes_exactly(files, tmp_path,
-                                                                                               monkeypatch, capsys):
+                                                                                               monkeypatch, capsys,
+                                                                                               filling_file):
     """The issue's example: the second checkpoint's state file fills the disk."""
     common = ("--iterations", "4", "--save-every", "2")
     whole, out = tmp_path / "whole", tmp_path / "full"
     assert run(grpo_cli(files, whole, *common)) == 0
     with monkeypatch.context() as patch:
-        seen = fill_state_file(patch, call=2)
+        seen = fill_state_file(patch, filling_file, call=2)
         assert run(grpo_cli(files, out, *common)) == 2
     written = out / "checkpoint.tmp" / "state.pt"
     assert re.fullmatch(full_disk_line(written, intact(out, "iteration", 2)), error_line(capsys.readouterr().err))
@@ -218,10 +177,11 @@ def test_an_eval_grid_that_fills_the_disk_leaves_no_partial_grid(files, tmp_path
 
 
 def test_a_run_that_fills_the_disk_before_its_first_checkpoint_starts_over_with_the_same_command(files, tmp_path,
-                                                                                                  monkeypatch, capsys):
+                                                                                                  monkeypatch, capsys,
+                                                                                                  filling_file):
     out = tmp_path / "full"
     with monkeypatch.context() as patch:
-        fill_state_file(patch, call=1)
+        fill_state_file(patch, filling_file, call=1)
         assert run(drm_cli(files, out, "--max-steps", "4", "--save-every", "2")) == 2
     written = out / "checkpoint.tmp" / "state.pt"
     then = ("Nothing half-written is left and no checkpoint was saved yet: free some space, then run the same command "

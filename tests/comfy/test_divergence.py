@@ -19,27 +19,15 @@ GROWTH = trainer.runs.GROWTH_LIMIT
 
 
 @pytest.fixture(scope="module")
-def files(comfyui, tmp_path_factory) -> Path:
-    """The tiny generator, a random adapter DRM on its first block, 4 pre-encoded prompts and 256 latent pairs."""
+def files(tiny_run_files) -> Path:
+    """The trainers' tiny inputs, and a base whose output overflows from the start: any NaN it gives is not the
+    learning rate's doing."""
     from drm.files import atomic_save
-    from trainer.demo.synthetic import synthetic_latent_pairs
-    from trainer.demo.tiny import tiny_adapter_drm_state_dict, tiny_conditioning, tiny_generator_state_dict
-    from trainer.prompts import PromptBank
 
-    root = tmp_path_factory.mktemp("divergence-files")
-    generator = tiny_generator_state_dict()
-    atomic_save(generator, root / "tiny-sd35.safetensors", {})
-    atomic_save(tiny_adapter_drm_state_dict(generator, blocks=1), root / "drm-tiny-sd35.safetensors",
-                {"drm.format": "adapter", "drm.blocks": "1"})
-    # a base whose output overflows from the start: any NaN it gives is not the learning rate's doing
+    generator = load_file(tiny_run_files / "tiny-sd35.safetensors")
     atomic_save({k: v * 1e38 if k.startswith("final_layer.linear.") else v for k, v in generator.items()},
-                root / "overflowing-sd35.safetensors", {})
-    conds = [tiny_conditioning(seed=i, tokens=8) for i in range(4)]
-    PromptBank([f"tiny prompt {i}" for i in range(4)], torch.cat([c[0][0] for c in conds]),
-               torch.cat([c[0][1]["pooled_output"] for c in conds]), torch.zeros(1, 8, 4096),
-               torch.zeros(1, 2048)).save(root / "prompts.safetensors")
-    synthetic_latent_pairs(256, size=8).save(root / "pairs.safetensors")
-    return root
+                tiny_run_files / "overflowing-sd35.safetensors", {})
+    return tiny_run_files
 
 
 def run(argv) -> int:

@@ -65,38 +65,13 @@ def test_a_full_disk_is_recognised_wherever_it_shows_and_nothing_else_is(error, 
     assert re.fullmatch(rf"{expected}{FREE}\)", str(found)), str(found)
 
 
-class FillingFile:
-    """A binary file on a disk with `room` bytes left: writes beyond it write what fits, then raise ENOSPC."""
 
-    def __init__(self, path, room: int) -> None:
-        self.file, self.room = open(path, "wb"), room
-
-    def write(self, data) -> int:
-        data = bytes(data)
-        if len(data) > self.room:
-            self.file.write(data[: self.room])
-            self.room = 0
-            self.file.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
-def fill_torch_files(monkeypatch, room: int = 100) -> None:
+def fill_torch_files(monkeypatch, filling_file, room: int = 100) -> None:
     """atomic_torch_save's files get `room` bytes of disk (its writer is torch's own, fed through them)."""
-    monkeypatch.setattr(drm.files, "open", lambda path, mode: FillingFile(path, room), raising=False)
+    monkeypatch.setattr(drm.files, "open", lambda path, mode: filling_file(path, room), raising=False)
 
 
-def fill_safetensors_files(monkeypatch, room: int = 100) -> None:
+def fill_safetensors_files(monkeypatch, filling_file=None, room: int = 100) -> None:
     """safetensors' save_file (Rust, which writes the file itself) writes `room` bytes, then reports a full disk
     in its own words."""
     def save_file(tensors, path, metadata=None):
@@ -108,13 +83,13 @@ def fill_safetensors_files(monkeypatch, room: int = 100) -> None:
 
 @pytest.mark.parametrize("writer", ["safetensors", "torch"])
 def test_an_atomic_write_that_fills_the_disk_keeps_the_old_file_and_leaves_no_temporary(writer, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, filling_file):
     target = tmp_path / ("x.safetensors" if writer == "safetensors" else "x.pt")
     save = ((lambda t: atomic_save(t, target, {})) if writer == "safetensors"
             else (lambda t: atomic_torch_save(t, target)))
     save({"w": torch.arange(4.0)})
     before = target.read_bytes()
-    (fill_safetensors_files if writer == "safetensors" else fill_torch_files)(monkeypatch)
+    (fill_safetensors_files if writer == "safetensors" else fill_torch_files)(monkeypatch, filling_file)
     with pytest.raises(DiskFull) as caught:
         save({"w": torch.randn(10_000)})
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
@@ -123,10 +98,11 @@ def test_an_atomic_write_that_fills_the_disk_keeps_the_old_file_and_leaves_no_te
 
 
 @pytest.mark.parametrize("fill", ["weights", "state"])
-def test_a_checkpoint_that_fills_the_disk_leaves_the_previous_one_loading_as_it_was(fill, tmp_path, monkeypatch):
+def test_a_checkpoint_that_fills_the_disk_leaves_the_previous_one_loading_as_it_was(fill, tmp_path, monkeypatch,
+                                                                                    filling_file):
     first = {"lora.up": torch.arange(6.0).reshape(2, 3)}
     save_checkpoint(tmp_path, first, {"step": 10, "optimizer": {"m": torch.ones(3)}})
-    (fill_safetensors_files if fill == "weights" else fill_torch_files)(monkeypatch)
+    (fill_safetensors_files if fill == "weights" else fill_torch_files)(monkeypatch, filling_file)
     with pytest.raises(DiskFull) as caught:
         save_checkpoint(tmp_path, {"lora.up": torch.randn(200, 300)}, {"step": 20, "optimizer": {"m": torch.randn(999)}})
     assert caught.value.errno == errno.ENOSPC
