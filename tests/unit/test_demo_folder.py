@@ -122,6 +122,20 @@ def test_install_copies_a_finished_demo_without_running_it(tmp_path, monkeypatch
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # the demo folder is left as it was
 
 
+def test_install_says_how_to_put_the_pack_in_custom_nodes_until_it_is_there(tmp_path, monkeypatch, capsys):
+    """Step 1 of the README clones ComfyUI beside the pack; ComfyUI only loads nodes from its custom_nodes."""
+    pack = Path(world_demo.__file__).resolve().parents[2]
+    comfyui = tmp_path / "ComfyUI"
+    root, models = finished_demo(tmp_path / "demo"), comfyui / "models"
+    hint = f"ln -s {pack} {comfyui / 'custom_nodes' / pack.name}"
+    run_demo(out=str(root), install_into=models, **SETTINGS)
+    assert capsys.readouterr().out.splitlines()[-1].endswith(hint)
+    (comfyui / "custom_nodes").mkdir()
+    (comfyui / "custom_nodes" / "comfyui-drm").symlink_to(pack)
+    run_demo(out=str(root), install_into=models, **SETTINGS)
+    assert "custom_nodes" not in capsys.readouterr().out
+
+
 # how the folder is damaged (after finishing), the run_demo settings that differ, and the reason printed
 DAMAGE = {
     "never finished": (lambda root: (root / FINISHED).unlink(), {}, "no demo finished there"),

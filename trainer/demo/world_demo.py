@@ -209,7 +209,13 @@ def install(prompts, drm_file: Path, lora_file: Path, models: Path) -> None:
             shutil.copyfile(source, tmp)
     count = save_conditioning_files(prompts, models / "drm_conditioning")
     print(f"Installed the world model, its VAE, {drm_file.name}, {lora_file.name} and {count} cached "
-          f"prompts into {models}: the example workflows in workflows/ now run as they are.")
+          f"prompts (with world-empty, the negative) into {models}: the example workflows in workflows/ now "
+          "run as they are.")
+    pack, custom_nodes = Path(__file__).resolve().parents[2], (models.parent / "custom_nodes").resolve()
+    if not any(p.resolve() == pack for p in custom_nodes.glob("*") if p.is_dir()):
+        # step 1 of the README clones ComfyUI beside the pack, and ComfyUI loads nodes only from custom_nodes
+        print(f"ComfyUI loads this pack's nodes only from {custom_nodes}, which does not hold it yet: "
+              f"ln -s {pack} {custom_nodes / pack.name}")
 
 
 def sha256(path: Path) -> str:
