@@ -200,6 +200,7 @@ def drm_step(model, params, mode: str, args, device, checkpointing: bool) -> dic
     import comfy.latent_formats
     from torch.nn import functional as F
 
+    from drm.runtime import SD3_SIGMA_SHIFT
     from trainer.reward.config import DRMTrainConfig
     from trainer.reward.encoded import EncodedPairs
     from trainer.reward.train import pair_scores, sample_sigmas
@@ -212,7 +213,7 @@ def drm_step(model, params, mode: str, args, device, checkpointing: bool) -> dic
     pairs = EncodedPairs(torch.randn(args.pairs, 16, size, size, generator=gen),
                          torch.randn(args.pairs, 16, size, size, generator=gen), cond.context, cond.pooled,
                          torch.zeros(args.pairs, dtype=torch.long), ["bench"])
-    sigmas = sample_sigmas(cfg, gen, args.pairs, shift=3.0)
+    sigmas = sample_sigmas(cfg, gen, args.pairs, shift=SD3_SIGMA_SHIFT)
     noise = torch.randn((2, args.pairs, 16, size, size), generator=gen)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if mode == "adapter" else None
     with Meter() as meter:

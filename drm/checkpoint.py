@@ -42,6 +42,15 @@ def beyond_blocks(path: str, blocks: int) -> bool:
     return parts[0] == "joint_blocks" and len(parts) > 1 and int(parts[1]) >= blocks
 
 
+def feeds_nothing(path: str, blocks: int) -> bool:
+    """Whether a comfy-named key or module path is a layer of the last kept block's text stream after its
+    attention's qkv (context_block.attn.proj, context_block.mlp): the text tokens that block puts out are read
+    by no later block in a DRM running `blocks` blocks, so these layers get no gradient."""
+    parts = path.split(".")
+    return (len(parts) > 3 and parts[0] == "joint_blocks" and int(parts[1]) == blocks - 1
+            and parts[2] == "context_block" and (parts[3] == "mlp" or parts[3:5] == ["attn", "proj"]))
+
+
 def keep_blocks(state_dict: dict[str, torch.Tensor], blocks: int) -> dict[str, torch.Tensor]:
     """A comfy-named MMDiT state dict without its joint blocks from index `blocks` on (the tensors are
     shared, not copied): the part a DRM that runs `blocks` blocks keeps."""

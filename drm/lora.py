@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .checkpoint import beyond_blocks, feeds_nothing
+
 PREFIX = "diffusion_model."
 # Joint attention of both streams (SD3.5's second x-block attention included), optionally the MLPs.
 ATTENTION_TARGETS = r"joint_blocks\.\d+\.(x_block|context_block)\.(attn|attn2)\.(qkv|proj)$"
@@ -38,10 +40,8 @@ def target_paths(root: nn.Module, include_mlp: bool = False, blocks: int | None 
     for name, module in root.named_modules():
         if not isinstance(module, nn.Linear) or not any(re.search(p, name) for p in patterns):
             continue
-        if blocks is not None:
-            block = int(name.split(".")[1])
-            if block >= blocks or (block == blocks - 1 and ".context_block." in name and not name.endswith("qkv")):
-                continue
+        if blocks is not None and (beyond_blocks(name, blocks) or feeds_nothing(name, blocks)):
+            continue
         paths.append(name)
     return paths
 

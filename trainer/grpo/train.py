@@ -61,15 +61,22 @@ def trained_steps(cfg: GRPOConfig, iteration: int) -> set[int]:
     if cfg.train_steps == "window":
         return {i for i in trainable if cfg.window_start <= i < (cfg.window_end or cfg.steps)}
     if cfg.train_steps == "random":
-        order = torch.randperm(len(trainable), generator=torch.Generator().manual_seed(cfg.seed * 7919 + iteration))
+        order = torch.randperm(len(trainable), generator=torch.Generator().manual_seed(run_seed(cfg.seed, 7919, iteration)))
         return {int(i) for i in order[: cfg.random_steps]}
     return set(trainable)
+
+
+def run_seed(seed: int, stride: int, iteration: int) -> int:
+    """A generator seed for `iteration` of the run seeded `seed`: seed * stride + iteration, modulo 2**64
+    (torch's seed range), so neighbouring --seed values do not replay each other's iterations shifted by
+    one, and any --seed the config accepts works."""
+    return (seed * stride + iteration) % 2**64
 
 
 def prompt_seeds(cfg: GRPOConfig, iteration: int, micro: int, positions: range) -> list[int]:
     """One seed per prompt, from (seed, iteration, micro-batch, global position) only: the same numbers
     however the prompts are split over processes."""
-    return [((cfg.seed * 100_003 + iteration) * 101 + micro) * 10_007 + p for p in positions]
+    return [(((cfg.seed * 100_003 + iteration) * 101 + micro) * 10_007 + p) % 2**64 for p in positions]
 
 
 def prompt_generators(cfg: GRPOConfig, iteration: int, micro: int, positions: range) -> list[torch.Generator]:
@@ -81,7 +88,7 @@ def micro_step(cfg: GRPOConfig, policy, drm, bank, iteration: int, micro: int, p
                device, advantages_of) -> dict[str, float]:
     """Roll out this process's prompts of micro-batch `micro`, score them with the DRM and backpropagate the
     policy loss, times 1 / grad_accum. Returns the rollout's reward and the loss diagnostics."""
-    order = torch.randperm(len(bank), generator=torch.Generator().manual_seed(cfg.seed + iteration))
+    order = torch.randperm(len(bank), generator=torch.Generator().manual_seed(run_seed(cfg.seed, 1_000_003, iteration)))
     global_index = order[(torch.arange(cfg.batch_size) + micro * cfg.batch_size) % len(bank)]
     cond = bank_conditioning(bank.rows(global_index[list(positions)]), device)
     generators = prompt_generators(cfg, iteration, micro, positions)
