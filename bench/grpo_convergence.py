@@ -8,7 +8,8 @@ The target eval reward is the start reward plus half of the smaller of the two a
 final gains. Prints the steps and seconds each needs (mean over seeds; a seed that never gets there
 counts at the whole budget, and the line says so), their ratios (the paper reports about 2.5x fewer
 steps for Step-GRPO), and the cost of one iteration in latent forward passes (generator and DRM)
-and in seconds.
+and in seconds. The final eval rewards are also compared seed by seed (each seed runs both): their
+paired difference with its 95% t-interval over seeds (bench/stats.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.stats import paired_diff_ci, verdict  # noqa: E402
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -76,6 +79,10 @@ def main() -> None:
 
     start = statistics.mean(evals(rows)[0] for rows in runs["step-grpo"] + runs["grpo"])
     gains = {a: statistics.mean(evals(rows)[-1] for rows in rs) - start for a, rs in runs.items()}
+    finals = {a: [evals(rows)[-1] for rows in rs] for a, rs in runs.items()}
+    diff, half = paired_diff_ci(finals["step-grpo"], finals["grpo"])  # seed s ran both algorithms
+    print(f"final eval reward, Step-GRPO - GRPO, paired over {args.seeds} seeds: {diff:+.4f} +- {half:.4f} (95% t; "
+          f"{verdict(diff, half)})")
     if min(gains.values()) <= 0:
         print(f"\nan algorithm did not improve on the start reward {start:+.4f} (gains {gains}): no shared target; "
               "raise --iterations")
