@@ -29,7 +29,7 @@ from ..runs import (
     warmup_scheduler,
     write_run_file,
 )
-from .config import DRMTrainConfig
+from .config import DRMTrainConfig, base_depth
 
 BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 EVAL_SIGMAS_PER_BUCKET = 3
@@ -145,6 +145,18 @@ def evaluate(drm, pairs, cfg: DRMTrainConfig, latent_format, device, autocast: b
 
 # ---- the DRM to train ----
 
+def kept_blocks(cfg: DRMTrainConfig, depth: int) -> int:
+    """The joint blocks the DRM runs, of a base with `depth`: cfg.blocks, or for 0 the DRM authors' count (they
+    skip 3 of SD3.5-Medium's 24 and 5 of SD3.5-Large's 38: utils.py:13-16 at jjaxonx/DRM@5c3c101) and depth - 3
+    for any other depth, at least 1. Raises ConfigError for more blocks than the base has."""
+    from drm.checkpoint import OFFICIAL_SKIPPED_BLOCKS
+
+    blocks = cfg.blocks or max(1, depth - OFFICIAL_SKIPPED_BLOCKS.get(depth, 3))
+    if blocks > depth:
+        raise ConfigError(f"blocks: {blocks} is more than the base model's {depth} joint blocks")
+    return blocks
+
+
 def build_trainable_drm(cfg: DRMTrainConfig, base, device):
     """The DRM for `cfg.mode`, with requires_grad set on exactly the trained parameters."""
     import comfy.ops
@@ -154,9 +166,7 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
     from drm.model import DRM, build_drm, load_checked, new_final_layer
 
     mmdit = base.model.model.diffusion_model
-    blocks = cfg.blocks or max(1, len(mmdit.joint_blocks) - 3)
-    if blocks > len(mmdit.joint_blocks):
-        raise ConfigError(f"blocks: {blocks} is more than the base model's {len(mmdit.joint_blocks)} joint blocks")
+    blocks = kept_blocks(cfg, len(mmdit.joint_blocks))
     torch.manual_seed(cfg.seed)
     if cfg.mode in ("adapter", "head"):
         # Shared, frozen base weights; trained parts stay fp32 (manual_cast follows the input dtype).
@@ -171,7 +181,7 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
         # A freshly initialised head: plain torch layers (comfy's ops skip weight init).
         drm = DRM(mmdit, blocks, final_layer, ConvGNHead(mmdit.out_channels), lora=lora, shared_backbone=True)
         mmdit.to(device)
-    else:
+    else:  # the base was loaded in float32 (base_dtype), so these are the file's values exactly
         state = {k: v.float() for k, v in mmdit.state_dict().items()}
         head = ConvGNHead(mmdit.out_channels)
         state.update({"reward_output." + k: v for k, v in head.state_dict().items()})
@@ -187,6 +197,13 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
     drm.reward_output.mlp[2].p = cfg.head_dropout
     drm.checkpointing = cfg.grad_checkpointing
     return drm.to(device), blocks
+
+
+def base_dtype(cfg: DRMTrainConfig, autocast: bool) -> torch.dtype:
+    """The dtype the base model is loaded in. `full` trains float32 copies of its weights, so it loads float32:
+    a file's bf16, fp16 or fp32 values are then kept exactly (a bf16 load would round fp32 and fp16 weights
+    first). adapter and head train on the frozen shared base, which is bf16 where autocast runs it in bf16."""
+    return torch.bfloat16 if autocast and cfg.mode != "full" else torch.float32
 
 
 # ---- checkpoints ----
@@ -248,6 +265,7 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     from .encoded import EncodedPairs
     from .pairs import load_pairs
 
+    cfg = cfg.resolved(base_depth(cfg.base))  # SD3.5-Large's and the recipe's defaults, for what is unset
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     if cfg.batch_size % accelerator.num_processes:
@@ -262,9 +280,7 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
                           "holds no posterior std (preferred_std, rejected_std); pass the pairs .json/.jsonl, which "
                           "the trainer encodes keeping the std, or use vae_latent = mean")
     records = None if pre_encoded else load_pairs(cfg.data, cfg.min_confidence)
-    # bf16 weights only where autocast runs the backbone in bf16; elsewhere the base stays fp32.
-    base = load_base(cfg.base, cfg.vae, cfg.clip, need_encoders=not pre_encoded,
-                     dtype=torch.bfloat16 if autocast else torch.float32)
+    base = load_base(cfg.base, cfg.vae, cfg.clip, need_encoders=not pre_encoded, dtype=base_dtype(cfg, autocast))
     if records is not None:  # one process encodes (and caches); the others read what it wrote
         encoded = out / "cache" / "pairs.safetensors"
         if accelerator.is_main_process:
@@ -273,6 +289,7 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
         pairs = EncodedPairs.load(encoded)
     check_pairs_fit(pairs, base.model.model.diffusion_model, cfg.data)
     train, heldout = pairs.split(cfg.holdout, cfg.seed)
+    cfg = cfg.with_epochs(len(train))
     latent_format = base.model.get_model_object("latent_format")
     shift = cfg.timestep_shift or base.model.get_model_object("model_sampling").shift
 
