@@ -203,7 +203,7 @@ def drm_step(model, params, mode: str, args, device, checkpointing: bool) -> dic
     from drm.runtime import SD3_SIGMA_SHIFT
     from trainer.reward.config import DRMTrainConfig
     from trainer.reward.encoded import EncodedPairs
-    from trainer.reward.train import pair_scores, sample_sigmas
+    from trainer.reward.scoring import pair_scores, sample_sigmas
 
     cfg = DRMTrainConfig(mode=mode, batch_size=args.pairs, grad_checkpointing=checkpointing)
     model.checkpointing = cfg.grad_checkpointing  # as build_trainable_drm sets it

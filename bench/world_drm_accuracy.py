@@ -35,7 +35,7 @@ def main() -> None:
     import_comfy_or_exit(args.comfyui)
     from bench.stats import mean_ci
     from trainer.demo.world_data import load_world, oracle_pairs, train_world_drm
-    from trainer.reward.train import BUCKETS
+    from trainer.reward.scoring import BUCKETS
 
     world = load_world()
     rows = list(range(len(world.prompts)))

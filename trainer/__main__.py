@@ -125,11 +125,13 @@ def _failed(error: Exception, run_out: Path | None) -> int:
     run (ValueError, which says what to do), and, for a trainer's run into `run_out`, running out of memory."""
     from drm.files import disk_full
 
-    from .runs import full_disk_message
+    from .runs import UNWRITABLE, full_disk_message, unwritable_message
 
     full = disk_full(error)
     if full is not None:
         print(f"error: {full_disk_message(full, run_out)}", file=sys.stderr)
+    elif isinstance(error, OSError) and error.errno in UNWRITABLE and error.filename:
+        print(f"error: {unwritable_message(error, run_out)}", file=sys.stderr)
     elif isinstance(error, ValueError):
         print(f"error: {error}", file=sys.stderr)
     elif run_out is not None and (isinstance(error, MemoryError) or isinstance(error, RuntimeError) and (

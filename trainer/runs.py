@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -37,6 +38,9 @@ def check_out_dir(cfg, resumable: set[str]) -> None:
     if new_lr and not cfg.resume:
         raise ConfigError(f"resume_with_new_lr: lets --resume continue with another lr, so it needs --resume; "
                           f"drop {NEW_LR_FLAG} to start a new run")
+    if new_lr and "lr" not in cfg.model_fields_set:  # else the run would silently drop to the default lr
+        raise ConfigError(f"resume_with_new_lr: no new lr given; pass --lr with the value to continue at (or drop "
+                          f"{NEW_LR_FLAG} to keep the run's)")
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ConfigError(f"out: {cfg.out} cannot be a folder: {blocking} is a file. Choose another --out.")
@@ -90,6 +94,9 @@ def rewind_metrics(path: Path, key: str, done: int) -> None:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
+        if key not in columns:  # no header (e.g. emptied by a full disk): nothing to keep, and a new header follows
+            path.unlink()
+            return
         rows = [r for r in reader if None not in r.values() and None not in r and r[key].isdigit()
                 and int(r[key]) <= done]
     from drm.files import atomic_path
@@ -160,14 +167,28 @@ def last_checkpoint(out: Path) -> tuple[str, int | None] | None:
 def full_disk_message(error: DiskFull, out: Path | None = None) -> str:
     """One line for a command stopped by a full disk: what failed (DiskFull's sentence), that nothing
     half-written is left, and how to go on: with `out` (a trainer's), from its last checkpoint with --resume."""
+    return _stopped_write(str(error), "free some space", out)
+
+
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}  # no permission, or a read-only disk
+
+
+def unwritable_message(error: OSError, out: Path | None = None) -> str:
+    """One line for a command stopped by a file it may not use (errno in UNWRITABLE, e.g. a read-only folder
+    under --out): which file and why, and how to go on, as full_disk_message."""
+    return _stopped_write(f"{error.strerror}: {error.filename}",
+                          "give this user access to it and its folder (or use another --out)", out)
+
+
+def _stopped_write(what: str, fix: str, out: Path | None) -> str:
     if out is None:
-        return f"{error}. Nothing half-written is left: free some space, then run the same command again."
+        return f"{what}. Nothing half-written is left: {fix}, then run the same command again."
     saved = last_checkpoint(out)
     if saved is None:
-        return (f"{error}. Nothing half-written is left and no checkpoint was saved yet: free some space, then run "
+        return (f"{what}. Nothing half-written is left and no checkpoint was saved yet: {fix}, then run "
                 "the same command again.")
-    return (f"{error}. Nothing half-written is left and the last checkpoint, {saved[0]}, is intact: free some "
-            "space, then run the same command with --resume.")
+    return (f"{what}. Nothing half-written is left and the last checkpoint, {saved[0]}, is intact: {fix}, "
+            "then run the same command with --resume.")
 
 
 def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -216,6 +237,8 @@ def append_csv(path: Path, row: dict, columns: list[str]) -> None:
                 data = data[f.write(data):]
         except OSError as e:
             f.truncate(end)
+            if end == 0:  # the row was the file's first: leave no empty file that would never get its header
+                path.unlink()
             raise disk_full(e, path) or e from None
 
 

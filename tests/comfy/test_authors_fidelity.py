@@ -327,7 +327,7 @@ def test_training_scores_latents_drawn_from_their_posterior(comfyui, tiny_genera
     from drm.model import build_drm
     from trainer.demo.tiny import tiny_drm_state_dict
     from trainer.reward.encoded import EncodedPairs
-    from trainer.reward.train import pair_scores
+    from trainer.reward.scoring import pair_scores
 
     gen = torch.Generator().manual_seed(4)
     mean = [torch.randn(3, 16, 8, 8, generator=gen) for _ in range(2)]

@@ -132,6 +132,13 @@ def test_resume_refuses_a_changed_lr_unless_asked_and_says_how_to_ask(files, tmp
         "error: resume_with_new_lr: lets --resume continue with another lr, so it needs --resume; drop "
         "--resume-with-new-lr to start a new run")
     assert not (tmp_path / "new").exists()
+    # the flag without --lr would continue at the default lr, silently: refused, naming what to add
+    before = (out / "run.json").read_bytes()
+    assert run(cli("drm", files, out, "--max-steps", "2", "--resume", "--resume-with-new-lr")) == 2
+    assert error_line(capsys.readouterr().err) == (
+        "error: resume_with_new_lr: no new lr given; pass --lr with the value to continue at (or drop "
+        "--resume-with-new-lr to keep the run's)")
+    assert (out / "run.json").read_bytes() == before
     # an unchanged lr with the flag changes nothing: the run goes on at its lr
     assert run(cli("drm", files, out, "--max-steps", "2", "--lr", "1e-3", "--resume", "--resume-with-new-lr")) == 0
     assert [float(r.split(",")[3]) for r in (out / "metrics.csv").read_text().splitlines()[1:]] == [1e-3, 1e-3]

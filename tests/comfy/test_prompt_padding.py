@@ -42,7 +42,7 @@ def test_drm_training_scores_a_prompt_as_alone(drm, bank, comfyui):
     import comfy.latent_formats
 
     from trainer.reward.encoded import EncodedPairs
-    from trainer.reward.train import pair_scores
+    from trainer.reward.scoring import pair_scores
 
     gen = torch.Generator().manual_seed(1)
     pairs = EncodedPairs(torch.randn(4, 16, 8, 8, generator=gen), torch.randn(4, 16, 8, 8, generator=gen),

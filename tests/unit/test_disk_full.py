@@ -23,7 +23,14 @@ from safetensors.torch import load_file
 
 import drm.files
 from drm.files import DiskFull, atomic_save, atomic_torch_save, disk_full
-from trainer.runs import full_disk_message, last_checkpoint, load_checkpoint, save_checkpoint
+from trainer.runs import (
+    append_csv,
+    full_disk_message,
+    last_checkpoint,
+    load_checkpoint,
+    rewind_metrics,
+    save_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FREE = r"\d+\.\d MiB free there"
@@ -195,3 +202,39 @@ def test_import_dina_on_a_full_disk_exits_2_with_one_line_and_writes_nothing(tmp
     monkeypatch.undo()
     assert main(["import-dina", str(snapshot), "--out", str(out)]) == 0  # with space again, the same command works
     assert load_file(str(out))
+
+
+def test_a_first_metrics_row_that_fills_the_disk_leaves_no_file_that_would_never_get_its_header(
+        tmp_path, monkeypatch, filling_file):
+    path, columns = tmp_path / "metrics.csv", ["step", "loss"]
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, mode="r", *args, **kwargs: (
+        filling_file(self, 4) if self == path and "a" in mode else real_open(self, mode, *args, **kwargs)))
+    with pytest.raises(DiskFull):
+        append_csv(path, {"step": 1, "loss": 0.5}, columns)
+    assert not path.exists()
+    monkeypatch.undo()
+    append_csv(path, {"step": 1, "loss": 0.5}, columns)  # the same command, once there is space
+    assert path.read_text().splitlines() == ["step,loss", "1,0.5"]
+
+
+def test_a_headerless_metrics_file_is_rewound_to_nothing_and_the_next_row_brings_the_header(tmp_path):
+    """An emptied metrics.csv (left by a full disk before this was fixed) must not keep a resumed run headerless."""
+    path = tmp_path / "metrics.csv"
+    path.write_text("")
+    rewind_metrics(path, "step", 2)
+    append_csv(path, {"step": 3, "loss": 0.25}, ["step", "loss"])
+    assert path.read_text().splitlines() == ["step,loss", "3,0.25"]
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_a_file_the_user_may_not_write_ends_in_one_line_naming_it_and_the_intact_checkpoint(code, tmp_path, capsys):
+    from trainer.__main__ import _failed
+
+    save_checkpoint(tmp_path, {"w": torch.ones(2)}, {"step": 4})
+    blocked = tmp_path / "loras" / "x.safetensors.tmp"
+    assert _failed(OSError(code, os.strerror(code), str(blocked)), run_out=tmp_path) == 2
+    assert capsys.readouterr().err == (
+        f"error: {os.strerror(code)}: {blocked}. Nothing half-written is left and the last checkpoint, "
+        f"{tmp_path / 'checkpoint'} (step 4), is intact: give this user access to it and its folder (or use "
+        "another --out), then run the same command with --resume.\n")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.reward.config import DRMTrainConfig
-from trainer.reward.train import sample_sigmas
+from trainer.reward.scoring import sample_sigmas
 
 
 def draws(n=200_000, shift=3.0, **config) -> torch.Tensor:

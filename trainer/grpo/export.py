@@ -22,15 +22,15 @@ def lora_metadata(cfg: GRPOConfig, base_name: str, iteration: int) -> dict[str, 
 
 def export_lora(lora, cfg: GRPOConfig, base_name: str, iteration: int, path: Path) -> None:
     """The LoRA in ComfyUI's keys at `path`, and with cfg.peft_export its diffusers/peft twin beside it
-    (<stem>.peft.safetensors); each written atomically."""
+    (<stem>.peft.safetensors); each written atomically, `path` last: the run counts as finished once it exists."""
     from drm.files import atomic_save
 
-    atomic_save(lora.state_dict_comfy(), path, lora_metadata(cfg, base_name, iteration))
     if cfg.peft_export:
         from .peft_export import peft_state_dict
 
         atomic_save(peft_state_dict(lora), path.with_name(path.stem + ".peft.safetensors"),
                     lora_metadata(cfg, base_name, iteration))
+    atomic_save(lora.state_dict_comfy(), path, lora_metadata(cfg, base_name, iteration))
 
 
 def save_state(out: Path, lora, ema, optimizer, scheduler, iteration: int, largest_at_start: float) -> None:

@@ -279,9 +279,10 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     if not last:  # resumed after its last iteration (to write the LoRA): the same evaluation as the loop's last
         last = {"iteration": iteration, "eval_reward": run_eval(f"step{iteration:04d}")}
     if accelerator.is_main_process:
+        # the LoRA is written last: a resume writes whatever a full disk stopped before it (the check above)
+        reward_curve_png(metrics_file, out / "reward_curve.png", f"{cfg.algorithm} on {base.name}")
         with swapped_in(params, ema):
             export_lora(policy.lora, cfg, base.name, iteration, final)
-        reward_curve_png(metrics_file, out / "reward_curve.png", f"{cfg.algorithm} on {base.name}")
         also = f" (and {final.with_name(final.stem + '.peft.safetensors').name} for diffusers/peft)" if cfg.peft_export else ""
         print(f"LoRA written to {final}{also}; eval reward {last.get('eval_reward', float('nan')):.4f}")
     return last

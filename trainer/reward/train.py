@@ -1,6 +1,6 @@
 """`python -m trainer drm`: train a DRM from preference pairs (Bradley-Terry on noisy latents).
 
-One readable loop. Each pair shares one noise level s (logit-normal by default); each image gets its
+One readable loop. Each pair shares one noise level s (logit-normal by default, uniform for SD3.5-Large); each image gets its
 own noise; the DRM scores both noisy latents and the loss is -log sigmoid(r_preferred - r_rejected).
 Modes: `adapter` (LoRA on the generator's blocks + final layer + head; the file shares the base
 model's weights), `full` (the kept blocks, final layer and head), `head` (only the head).
@@ -30,40 +30,12 @@ from ..runs import (
     write_run_file,
 )
 from .config import DRMTrainConfig, base_depth
+from .scoring import BUCKETS, NonFiniteTrainingScores, check_pairs_fit, evaluate, pair_scores, sample_sigmas
 
-BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
-EVAL_SIGMAS_PER_BUCKET = 3
-
-
-def check_pairs_fit(pairs, mmdit, data: str) -> None:
-    """Refuse encoded pairs whose latents or prompts the base model cannot take, naming what differs (drm.fit)."""
-    from drm.fit import Shapes, shape_differences
-
-    latent, context, pooled = pairs.preferred, pairs.context, pairs.pooled
-    base = Shapes.of_mmdit(mmdit)
-    found = {d.name for d in shape_differences(Shapes.of_data(latent, context, pooled), base)}
-    problems = []
-    if latent.ndim != 4 or "latent_channels" in found or pairs.rejected.shape != latent.shape:
-        problems.append(f"latents are {list(latent.shape)} and {list(pairs.rejected.shape)}, the base takes "
-                        f"[N, {base.latent_channels}, h, w]")
-    elif "latent_size" in found:
-        limit = base.max_latent_size
-        problems.append(f"latents are {latent.shape[-2]}x{latent.shape[-1]}, the base's position embedding covers "
-                        f"{limit}x{limit} (resolution {limit * 8})")
-    if context.ndim != 3 or "context" in found:
-        problems.append(f"context is {list(context.shape)}, the base takes [P, T, {base.context}]")
-    if pooled.ndim != 2 or "pooled" in found:
-        problems.append(f"pooled is {list(pooled.shape)}, the base takes [P, {base.pooled}]")
-    if problems:
-        raise ValueError(f"data: {Path(data).name} does not fit the base model: {'; '.join(problems)}. Encode the "
-                         "pairs with this base (pass the pairs .json/.jsonl instead of the .safetensors).")
+COLUMNS = ["step", "loss", "train_acc", "lr", "eval_acc"] + [f"acc_sigma_{low:.2f}_{high:.2f}" for low, high in BUCKETS]
 
 
-class NonFiniteScores(ValueError):
-    """The DRM's scores are NaN or infinite; the message says where, in the precision it ran in."""
-
-
-def non_finite(cfg: DRMTrainConfig, error: NonFiniteScores, weights_of: int, trained: bool,
+def non_finite(cfg: DRMTrainConfig, error: NonFiniteTrainingScores, weights_of: int, trained: bool,
                autocast: bool) -> ValueError:
     """The error for NaN or infinite scores of the weights after step `weights_of`: divergence (runs.diverged)
     when this run has `trained` them; otherwise the weights it started from overflow on the data, and the
@@ -75,72 +47,6 @@ def non_finite(cfg: DRMTrainConfig, error: NonFiniteScores, weights_of: int, tra
              "the pairs' latents are far outside the base model's range; encode them with this base's VAE")
     return ValueError(f"{error}, so this step is not applied. The weights are those the run started from, so the "
                       f"learning rate is not the cause: {cause}.")
-
-
-# ---- noise levels and evaluation ----
-
-def sample_sigmas(cfg: DRMTrainConfig, generator: torch.Generator, n: int, shift: float) -> torch.Tensor:
-    """One noise level per pair, [n], in (0, 1]: u (logit-normal or uniform) picks a step of the base
-    scheduler's 1000-step grid, whose shifted sigma is returned, as diffusers' SD3 training does
-    (compute_density_for_timestep_sampling, then scheduler.timesteps[int(u * 1000)]). At SD3's shift 3
-    the median is 0.75 and P(sigma > 0.9) is 13.6%; unshifted (sigma = u) they would be 0.50 and 1.4%."""
-    if cfg.timestep_sampling == "uniform":
-        u = torch.rand(n, generator=generator)
-    else:
-        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
-    t = 1 - (u * 1000).long().clamp(max=999) / 1000  # the grid's timestep / 1000, from 1 down to 0.001
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def pair_scores(drm, pairs, index: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor, latent_format,
-                device, autocast: bool, posterior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """DRM scores of the preferred and rejected latents of pairs `index`, each at its pair's sigma.
-
-    noise: [2, n, C, H, W], independent for each image (preferred first). posterior: None for the latents as
-    stored (the VAE posterior's mean), or N(0, I) noise [2, n, C, H, W] that draws each latent from its
-    posterior (vae_latent = sample, as the DRM authors; EncodedPairs.latents).
-    """
-    from drm.conditioning import by_context_length
-
-    x0 = latent_format.process_in(pairs.latents(index, posterior).float())
-    s = sigmas.repeat(2).view(-1, 1, 1, 1)
-    x_t = ((1 - s) * x0 + s * noise.flatten(0, 1)).to(device)
-    prompt = pairs.prompt_index[index].repeat(2)
-    lengths = None if pairs.context_length is None else pairs.context_length[prompt]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        # each prompt at its own length: zero padding would change the scores
-        scores = by_context_length(lambda context, x, t, y: drm(x, t, context, y), pairs.context[prompt].to(device),
-                                   lengths, x_t, (s.flatten() * 1000).to(device), pairs.pooled[prompt].to(device))
-    return scores.float().chunk(2)
-
-
-@torch.no_grad()
-def evaluate(drm, pairs, cfg: DRMTrainConfig, latent_format, device, autocast: bool, batch: int = 32) -> dict:
-    """Held-out preference accuracy overall and per sigma bucket, at fixed sigmas and fixed noise. Raises
-    NonFiniteScores when a score is NaN or infinite."""
-    was_training = drm.training
-    drm.eval()
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    result, correct_all = {}, []
-    for low, high in BUCKETS:
-        correct = []
-        for k in range(EVAL_SIGMAS_PER_BUCKET):
-            sigma = low + (high - low) * (k + 0.5) / EVAL_SIGMAS_PER_BUCKET
-            for start in range(0, len(pairs), batch):
-                index = torch.arange(start, min(start + batch, len(pairs)))
-                noise = torch.randn((2, len(index), *pairs.preferred.shape[1:]), generator=generator)
-                good, bad = pair_scores(drm, pairs, index, torch.full((len(index),), sigma), noise,
-                                        latent_format, device, autocast)
-                if not (torch.isfinite(good).all() and torch.isfinite(bad).all()):
-                    raise NonFiniteScores(f"the DRM's held-out scores at sigma {sigma:.3f} are NaN or infinite "
-                                          f"(precision {'bf16' if autocast else 'fp32'})")
-                correct.append((good > bad).float().cpu())
-        correct = torch.cat(correct)
-        result[f"acc_sigma_{low:.2f}_{high:.2f}"] = correct.mean().item()
-        correct_all.append(correct)
-    result["eval_acc"] = torch.cat(correct_all).mean().item()
-    drm.train(was_training)
-    return result
 
 
 # ---- the DRM to train ----
@@ -161,6 +67,7 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
     """The DRM for `cfg.mode`, with requires_grad set on exactly the trained parameters."""
     import comfy.ops
 
+    from drm.checkpoint import feeds_nothing
     from drm.head import ConvGNHead
     from drm.lora import LoRA, target_paths
     from drm.model import DRM, build_drm, load_checked, new_final_layer
@@ -190,10 +97,9 @@ def build_trainable_drm(cfg: DRMTrainConfig, base, device):
         drm.reward_output.requires_grad_(True)
         # The text tokens leaving the last kept block feed nothing, so the layers that make them get no
         # gradient; DDP refuses trainable parameters without one.
-        last = drm.backbone.joint_blocks[blocks - 1].context_block
-        if not last.pre_only:
-            last.attn.proj.requires_grad_(False)
-            last.mlp.requires_grad_(False)
+        for name, parameter in drm.backbone.named_parameters():
+            if feeds_nothing(name, blocks):
+                parameter.requires_grad_(False)
     drm.reward_output.mlp[2].p = cfg.head_dropout
     drm.checkpointing = cfg.grad_checkpointing
     return drm.to(device), blocks
@@ -320,24 +226,25 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
     with stop_on_signals() as stop_request, contextlib.closing(bar):
         while step < cfg.max_steps and not stopping:
             # The same pairs, noise levels and noise for step `step` whatever the process count or resume point.
-            step_seed = cfg.seed * 1_000_003 + step
+            step_seed = (cfg.seed * 1_000_003 + step) % 2**64  # torch's seed range; any accepted --seed works
             generator = torch.Generator().manual_seed(step_seed)
             # The head's dropout draws from the global RNG (CUDA's on a GPU): seed it per step and rank too.
-            torch.manual_seed(step_seed + 7_919 * (1 + accelerator.process_index))
+            torch.manual_seed((step_seed + 7_919 * (1 + accelerator.process_index)) % 2**64)
+            # seed * 999_983 + epoch: neighbouring --seed values do not replay each other's orders one epoch apart
             epoch_order = torch.randperm(len(train), generator=torch.Generator().manual_seed(
-                cfg.seed + (step * cfg.batch_size) // len(train)))
+                (cfg.seed * 999_983 + (step * cfg.batch_size) // len(train)) % 2**64))
             start = (step * cfg.batch_size) % len(train)
             index = epoch_order[torch.arange(start, start + cfg.batch_size) % len(train)]
             sigmas = sample_sigmas(cfg, generator, cfg.batch_size, shift)
             noise = torch.randn((2, cfg.batch_size, *train.preferred.shape[1:]), generator=generator)
             posterior = (torch.randn((2, cfg.batch_size, *train.preferred.shape[1:]), generator=generator)
                          if cfg.vae_latent == "sample" else None)
-            rank = slice(accelerator.process_index * per_rank, (accelerator.process_index + 1) * per_rank)
-            good, bad = pair_scores(model, train, index[rank], sigmas[rank], noise[:, rank], latent_format, device,
-                                    autocast, None if posterior is None else posterior[:, rank])
+            rows = slice(accelerator.process_index * per_rank, (accelerator.process_index + 1) * per_rank)
+            good, bad = pair_scores(model, train, index[rows], sigmas[rows], noise[:, rows], latent_format, device,
+                                    autocast, None if posterior is None else posterior[:, rows])
             loss = -F.logsigmoid(good - bad).mean()
             if not torch.isfinite(loss):
-                nan = NonFiniteScores(f"the DRM's scores are NaN or infinite at step {step + 1} (precision "
+                nan = NonFiniteTrainingScores(f"the DRM's scores are NaN or infinite at step {step + 1} (precision "
                                       f"{'bf16' if autocast else 'fp32'})")  # bf16 runs only on a GPU
                 raise non_finite(cfg, nan, step, step > first_step, autocast)
             accelerator.backward(loss)
@@ -357,7 +264,7 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 try:
                     last_eval = evaluate(accelerator.unwrap_model(model), heldout, cfg, latent_format, device, autocast)
-                except NonFiniteScores as e:
+                except NonFiniteTrainingScores as e:
                     raise non_finite(cfg, e, step, True, autocast) from None
                 row.update(last_eval)
             if accelerator.is_main_process:
@@ -374,10 +281,14 @@ def train_drm(cfg: DRMTrainConfig) -> dict:
         raise RunInterrupted(message)  # the command line prints it; the demo says it in its own words
     _save(accelerator, out, model, optimizer, scheduler, step, watch.start)
     if not last_eval:  # resumed after its last step (to write the DRM): the same evaluation as the loop's last
-        last_eval = evaluate(accelerator.unwrap_model(model), heldout, cfg, latent_format, device, autocast)
+        try:
+            last_eval = evaluate(accelerator.unwrap_model(model), heldout, cfg, latent_format, device, autocast)
+        except NonFiniteTrainingScores as e:
+            raise non_finite(cfg, e, step, True, autocast) from None
     if accelerator.is_main_process:
-        path = write_drm(cfg, accelerator.unwrap_model(model), base.name, step, last_eval)
+        # the DRM is written last: a resume writes whatever a full disk stopped before it (the check above)
         training_curves_png(metrics_file, out / "curves.png", title=f"DRM training ({cfg.mode})")
+        path = write_drm(cfg, accelerator.unwrap_model(model), base.name, step, last_eval)
         print(f"DRM written to {path}; held-out accuracy {last_eval.get('eval_acc', float('nan')):.3f}")
         print("  " + "  ".join(f"{k[10:]}: {v:.3f}" for k, v in last_eval.items() if k.startswith("acc_sigma_")))
     return last_eval
@@ -388,8 +299,6 @@ def _save(accelerator, out, model, optimizer, scheduler, step, largest_at_start)
     if accelerator.is_main_process:
         save_state(out, accelerator.unwrap_model(model), optimizer, scheduler, step, largest_at_start)
 
-
-COLUMNS = ["step", "loss", "train_acc", "lr", "eval_acc"] + [f"acc_sigma_{low:.2f}_{high:.2f}" for low, high in BUCKETS]
 
 
 def encode_records(cfg: DRMTrainConfig, base, records):
