@@ -167,7 +167,11 @@ def last_checkpoint(out: Path) -> tuple[str, int | None] | None:
 def full_disk_message(error: DiskFull, out: Path | None = None) -> str:
     """One line for a command stopped by a full disk: what failed (DiskFull's sentence), that nothing
     half-written is left, and how to go on: with `out` (a trainer's), from its last checkpoint with --resume."""
-    return _stopped_write(str(error), "free some space", out)
+    return _stopped_write(str(error), FULL_DISK_FIX.get(error.errno, "free some space"), out)
+
+
+FULL_DISK_FIX = {errno.EDQUOT: "free some space (or have your disk quota raised)",
+                 errno.EFBIG: "raise the file-size limit (`ulimit -f`)"}  # ENOSPC: free some space
 
 
 UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}  # no permission, or a read-only disk

@@ -60,9 +60,9 @@ def full_disk_line(written: Path, then: str) -> str:
             + re.escape(f"). {then}"))
 
 
-def intact(out: Path, unit: str, count: int) -> str:
+def intact(out: Path, unit: str, count: int, fix: str = "free some space") -> str:
     return (f"Nothing half-written is left and the last checkpoint, {out / 'checkpoint'} ({unit} {count}), is intact: "
-            "free some space, then run the same command with --resume.")
+            f"{fix}, then run the same command with --resume.")
 
 
 def no_temporaries(root: Path) -> list[str]:
@@ -232,7 +232,7 @@ def test_a_real_file_size_limit_stops_a_resumed_grpo_run_at_its_checkpoint(files
     assert done.returncode == 2, done.stderr[-3000:]
     written = out / "checkpoint.tmp" / "state.pt"
     pattern = (re.escape(f"error: the file is larger than the disk (or `ulimit -f`) allows: writing {written} failed "
-                         "(File too large, ") + FREE + re.escape(f"). {intact(out, 'iteration', 2)}"))
+                         "(File too large, ") + FREE + re.escape(f"). {intact(out, 'iteration', 2, 'raise the file-size limit (`ulimit -f`)')}"))
     assert re.fullmatch(pattern, error_line(done.stderr))
     assert no_temporaries(out) == [] and checkpoint_bytes(out) == before
 

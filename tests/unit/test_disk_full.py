@@ -135,6 +135,9 @@ def test_the_message_names_the_intact_checkpoint_and_the_resume_command_in_one_l
             "intact: free some space, then run the same command with --resume."), message), message
     assert full_disk_message(full).endswith("Nothing half-written is left: free some space, then run the same command "
                                             "again.")
+    # a file-size limit is not a full disk: freeing space would not help (the kernel says EFBIG with space free)
+    limited = full_disk_message(DiskFull(errno.EFBIG, written), tmp_path)
+    assert limited.endswith("is intact: raise the file-size limit (`ulimit -f`), then run the same command with --resume.")
 
 
 LIMITED = textwrap.dedent("""

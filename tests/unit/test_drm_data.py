@@ -305,7 +305,7 @@ def test_nan_latents_from_the_vae_are_refused_and_not_cached(tmp_path):
             return torch.full((len(pixels), 16, 2, 2), float("nan"))
 
     records = load_pairs(make_synthetic_dataset(tmp_path / "data", n_pairs=2, resolution=16))
-    with pytest.raises(RuntimeError, match="NaN or infinite latents.*pair00000_a.png"):
+    with pytest.raises(ValueError, match="NaN or infinite latents.*pair00000_a.png"):  # one `error:` line, exit 2
         encode_pairs(records, NanVAE(), lambda p: (torch.zeros(1, 2, 8), torch.zeros(1, 4)), 16,
                      tmp_path / "cache", vae_id="nan", text_encoder_id="zeros", progress=False)
     assert not (tmp_path / "cache").exists()

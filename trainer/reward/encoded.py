@@ -322,12 +322,12 @@ def _encode_images(records: Sequence[PairRecord], vae, resolution: int, image_re
             raise RuntimeError(f"vae.encode returned {list(out.shape)} for {len(pending)} images; expected [B, C, h, w].")
         std = torch.cat(std_parts) if std_parts else None
         if sample and (std is None or std.shape != out.shape):
-            raise RuntimeError(f"the VAE encoded {', '.join(str(i) for i, _, _ in pending)} in tiles (short of "
+            raise ValueError(f"the VAE encoded {', '.join(str(i) for i, _, _ in pending)} in tiles (short of "
                                "memory), so the posterior's std of each latent could not be read for vae_latent = "
                                "sample. Free memory (a smaller batch, the VAE on another device) or use vae_latent = mean.")
         if not torch.isfinite(out).all() or (std is not None and not torch.isfinite(std).all()):
             # a known failure of SD VAEs in float16; nothing of this batch is cached
-            raise RuntimeError(f"the VAE returned NaN or infinite latents for {', '.join(str(i) for i, _, _ in pending)}. "
+            raise ValueError(f"the VAE returned NaN or infinite latents for {', '.join(str(i) for i, _, _ in pending)}. "
                                "Run the VAE in float32 (ComfyUI's --fp32-vae).")
         for row, (image, file, _) in enumerate(pending):
             latents[image] = out[row].clone()  # not a view: the batch's storage is not kept alive
@@ -382,7 +382,8 @@ def encode_prompts(prompts: list[str], encode_prompt: PromptEncoder, cache: Path
                 raise RuntimeError(f"the prompt encoder returned context {list(context.shape)} and pooled "
                                    f"{list(pooled.shape)} for {prompt!r}; expected [1, T, C] and [1, D].")
             if not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
-                raise RuntimeError(f"the prompt encoder returned NaN or infinite values for {prompt!r}.")
+                raise ValueError(f"the prompt encoder returned NaN or infinite values for {prompt!r}: check its "
+                                 "weights (\"(word:1.2)\" in ComfyUI's syntax), or set prompt_text = plain.")
             cached = {"context": context[0].float().cpu().contiguous(), "pooled": pooled[0].float().cpu().contiguous()}
             if file is not None:
                 atomic_save(cached, file, {"prompt": prompt, "text_encoder_id": text_encoder_id})
