@@ -123,7 +123,7 @@ def load_prompt_bank(path: str | Path, clip=None, cache_dir: Path | None = None,
     if clip is None:
         raise DatasetError(f"prompts file {path.name} is text, and the base model has no text encoders: "
                            "pass --clip files, a full checkpoint, or a pre-encoded .safetensors prompt bank.")
-    from .reward.encoded import clip_prompt_encoder
+    from .reward.encoders import clip_prompt_encoder
 
     texts = read_prompt_texts(path)
     encoder = clip_prompt_encoder(clip, t5_length)

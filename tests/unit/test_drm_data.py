@@ -17,7 +17,8 @@ from trainer.demo.synthetic import (
     synthetic_latent_pairs,
     warmth,
 )
-from trainer.reward.encoded import EncodedPairs, clip_prompt_encoder, encode_pairs
+from trainer.reward.encoded import EncodedPairs, encode_pairs
+from trainer.reward.encoders import clip_prompt_encoder
 from trainer.reward.images import check_resolution, load_image
 from trainer.reward.pairs import DatasetError, UnreadableImage, load_pairs
 

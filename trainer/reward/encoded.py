@@ -50,8 +50,7 @@ from tqdm import tqdm
 from drm.checkpoint import DRMCheckpointError, HeaderNotUTF8, read_safetensors
 from drm.files import atomic_save
 
-# clip_prompt_encoder lived here before encoders.py; importers still use this name
-from .encoders import PromptEncoder, clip_prompt_encoder, gaussian_posterior, posterior_std  # noqa: F401
+from .encoders import PromptEncoder, gaussian_posterior, posterior_std
 from .images import IMAGE_RESIZES, check_resolution, load_image
 from .pairs import DatasetError, PairRecord, UnreadableImage
 
